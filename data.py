@@ -1,0 +1,487 @@
+"""What the model is taught: LLaVA's data files, images, conversation templates, label masks, batches and the sampler.
+
+    dataset = LazySupervisedDataset("llava_v1_5_mix665k.json", "playground/data", fmt, image_processor)
+    sample = dataset[0]       # {"id", "input_ids", "labels", "pixel_values"}
+    batch = collate([dataset[i] for i in range(4)], pad_id=fmt.pad_id)
+
+The facts this file is faithful to are in ../shared/reference/llava.md (sections 2-4):
+- the JSON schema (a list, or JSON lines) of {"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}]};
+- `<image>` moves to the start of its turn, followed by "\n" (LLaVA's preprocess_multimodal);
+- the templates: `plain` (stage 1), `vicuna_v1` (stage 2 and every LLaVA-1.5 benchmark), `llama_2` (llava_llama_2),
+  and `chat_template` (the LLM tokenizer's own Jinja template, for Llama-3- or Qwen-style LLMs);
+- tokenization in chunks around `<image>` (LLaVA's tokenizer_image_token): each chunk is tokenized on its own, so a
+  SentencePiece tokenizer puts its dummy-prefix "▁" after every image, exactly as the released models saw it;
+- each `<image>` becomes N copies of IMAGE_TOKEN_INDEX, N = the tokens the projector emits per image (576 for
+  CLIP-L/14-336), so sequence lengths are exact here and model.py only fills those positions;
+- labels supervise the assistant replies and their end token, nothing else.
+
+Masks are built, never guessed. The original renders a conversation, splits it on separators and re-tokenizes the
+pieces to count lengths; when its counts disagree it prints "tokenization mismatch" and silently zeroes the sample.
+Here the supervised text is found by rendering: reply k is what the template adds to the generation prompt of the
+history before it (render(history[:k] + reply) minus render(history[:k], generation prompt)). Tokens are then
+labelled through the tokenizer's character offsets. A sample that cannot be aligned is an error naming its id.
+"""
+
+import itertools
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IGNORE_INDEX = -100  # label of a position that is not supervised (PyTorch's cross-entropy default)
+IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id: one per image token, filled with image features by model.py
+IMAGE_TOKEN = "<image>"
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Something wrong with the user's data. The message names the file and the sample and says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conversations: LLaVA's {"from", "value"} turns -> [{"role", "content"}] messages
+
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def parse_conversation(turns, n_images, where):
+    """Validate LLaVA turns and return messages, with each `<image>` moved to the start of its turn.
+
+    `where` names the sample in errors ("data.json, sample 'abc'"). Rules: turns alternate human/gpt starting with
+    human, end with a gpt reply, no reply is empty, and the `<image>` tags (all in human turns) match the images.
+    A sample with images but no tag gets "<image>\\n" at the start of its first turn, as LLaVA does at inference.
+    """
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            raise DataError(f"{where}: turn {i} must be {{'from': 'human' or 'gpt', 'value': str}}, got {turn!r:.200}")
+        role = ROLES[turn["from"]]
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            first = " (a conversation must start with a human turn)" if i == 0 else ""
+            raise DataError(f"{where}: turn {i} is from {turn['from']!r} but should be the {expected}'s{first}; "
+                            "turns must alternate human, gpt, human, gpt, ...")
+        if role == "assistant" and not turn["value"].strip():
+            raise DataError(f"{where}: turn {i} is an empty reply; remove the sample or fill the reply")
+        if role == "assistant" and IMAGE_TOKEN in turn["value"]:
+            raise DataError(f"{where}: turn {i} is a gpt reply containing {IMAGE_TOKEN}; images go in human turns")
+        messages.append({"role": role, "content": turn["value"]})
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last turn is from the human and has no reply; remove it or add the reply")
+
+    n_tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if n_tags > n_images:
+        raise DataError(f"{where}: {n_tags} {IMAGE_TOKEN} tags but {n_images} image(s); "
+                        f"each {IMAGE_TOKEN} needs an image in the sample's 'image' field")
+    if n_images and n_tags == 0:
+        messages[0]["content"] = IMAGE_TOKEN * n_images + messages[0]["content"]
+    elif n_tags < n_images:
+        raise DataError(f"{where}: {n_images} images but only {n_tags} {IMAGE_TOKEN} tag(s); "
+                        f"put one {IMAGE_TOKEN} where each image belongs")
+    return [{"role": m["role"], "content": move_image_tags_first(m["content"])} for m in messages]
+
+
+def move_image_tags_first(text):
+    """LLaVA's preprocess_multimodal: a turn with `<image>` becomes "<image>\\n" + the rest of the text, stripped."""
+    n = text.count(IMAGE_TOKEN)
+    if n == 0:
+        return text
+    return ((IMAGE_TOKEN + "\n") * n + text.replace(IMAGE_TOKEN, "").strip()).strip()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Templates: messages -> the exact prompt string of LLaVA's conversation.py
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                        "that the user provides, and assist the user with a variety of tasks using natural language.")
+TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "chat_template")
+
+
+def render(template, messages, tokenizer, add_generation_prompt=False):
+    """The prompt string for `messages`; with add_generation_prompt it ends where the assistant starts to write."""
+    if template == "plain":
+        # Stage 1: the instruction is dropped; the model reads the image and writes the caption, then "\n".
+        images = IMAGE_TOKEN * messages[0]["content"].count(IMAGE_TOKEN)
+        if len(messages) > 2 or not images:
+            raise ValueError("the plain (stage-1) template takes one human turn with an image and one caption")
+        return images + "".join(m["content"] + "\n" for m in messages[1:2])
+    if template in ("vicuna_v1", "llava_v1"):
+        # SeparatorStyle.TWO: system + " ", "USER: q ", "ASSISTANT: a</s>"; the empty generation slot is "ASSISTANT:".
+        text = (VICUNA_SYSTEM if template == "vicuna_v1" else LLAVA_V1_SYSTEM) + " "
+        for m in messages:
+            text += f"USER: {m['content']} " if m["role"] == "user" else f"ASSISTANT: {m['content']}{tokenizer.eos_token}"
+        return text + ("ASSISTANT:" if add_generation_prompt else "")
+    if template == "llama_2":
+        # SeparatorStyle.LLAMA_2 (llava_llama_2): the leading "<s>" is left to the tokenizer's own BOS.
+        text = ""
+        for i, m in enumerate(messages):
+            if m["role"] == "user":
+                content = f"<<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n{m['content']}" if i == 0 else m["content"]
+                text += ("" if i == 0 else tokenizer.bos_token) + f"[INST] {content} [/INST]"
+            else:
+                text += f" {m['content']} {tokenizer.eos_token}"
+        return text
+    if template == "chat_template":
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+
+
+def reply_spans(template, messages, tokenizer):
+    """The full prompt of a conversation and the (start, end) character span of each assistant reply in it.
+
+    A reply's span is exactly what the template adds after the generation prompt of the history before it, i.e. the
+    text the model must write at inference, end token included (" A cat.</s>" for vicuna_v1, "caption\\n" for plain).
+    Chat templates may add whitespace after the end token ("<|im_end|>\\n"): it is never generated, so not supervised.
+    """
+    full = render(template, messages, tokenizer)
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render(template, messages[:k], tokenizer, add_generation_prompt=True)
+        upto = render(template, messages[:k + 1], tokenizer)
+        if not (upto.startswith(prompt) and full.startswith(upto)):
+            raise ValueError(f"template {template!r} does not render conversations incrementally (a prefix of the "
+                             "history does not render to a prefix of the prompt), so reply masks cannot be derived")
+        end = len(upto.rstrip()) if template == "chat_template" else len(upto)
+        spans.append((len(prompt), end))
+    return full, spans
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenization: prompt -> input ids with image placeholders, and labels
+
+
+class ChatFormat:
+    """Turns conversations into model inputs: the template, the tokenizer and the number of tokens per image.
+
+    `encode` builds a training sample (ids + labels); `prompt` builds the ids generation starts from. Both go through
+    the same code, so training and inference cannot drift.
+    """
+
+    def __init__(self, tokenizer, template, image_tokens):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+        if template == "chat_template" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat_template' needs a tokenizer with a chat template (tokenizer_config.json "
+                             "or chat_template.jinja); use vicuna_v1 for Vicuna/Llama-2 LLMs")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"{type(tokenizer).__name__} gives no character offsets; load a fast (tokenizers) tokenizer")
+        self.tokenizer, self.template, self.image_tokens = tokenizer, template, image_tokens
+        # LLaVA's own templates rely on the tokenizer's BOS (one, at the very front); chat templates write their own.
+        self.prefix = [] if template == "chat_template" else tokenizer("").input_ids
+        self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0)
+                           if i is not None)
+
+    def tokenize(self, text):
+        """LLaVA's tokenizer_image_token: ids with image_tokens placeholders per `<image>`, and each id's char span."""
+        ids, offsets, start = list(self.prefix), [(0, 0)] * len(self.prefix), 0
+        for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
+            if i > 0:
+                ids += [IMAGE_TOKEN_INDEX] * self.image_tokens
+                offsets += [(start - len(IMAGE_TOKEN), start)] * self.image_tokens
+            enc = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+            ids += enc["input_ids"]
+            offsets += [(start + a, start + b) for a, b in enc["offset_mapping"]]
+            start += len(chunk) + len(IMAGE_TOKEN)
+        return ids, offsets
+
+    def prompt(self, messages):
+        """Input ids for generating the next assistant reply after `messages` (which end with a user turn)."""
+        return self.tokenize(render(self.template, messages, self.tokenizer, add_generation_prompt=True))[0]
+
+    def encode(self, messages, where="sample"):
+        """(input_ids, labels) of a conversation; labels are IGNORE_INDEX except on the assistant replies."""
+        try:
+            text, spans = reply_spans(self.template, messages, self.tokenizer)
+        except DataError:
+            raise
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from e
+        ids, offsets = self.tokenize(text)
+        supervised = bytearray(len(text))
+        for a, b in spans:
+            supervised[a:b] = b"\x01" * (b - a)
+        labels, seen = [IGNORE_INDEX] * len(ids), [0] * len(spans)
+        for i, (tok, (a, b)) in enumerate(zip(ids, offsets)):
+            if tok == IMAGE_TOKEN_INDEX or not any(supervised[a:b]):
+                continue
+            if not all(supervised[c] or text[c].isspace() for c in range(a, b)):
+                raise DataError(f"{where}: token {self.tokenizer.convert_ids_to_tokens(tok)!r} spans both a reply "
+                                f"and the text around it ({text[a:b]!r}); the template and tokenizer cannot be aligned")
+            labels[i] = tok
+            seen[next(k for k, (s, e) in enumerate(spans) if s < b and a < e)] += 1
+        if not all(seen):
+            raise DataError(f"{where}: reply {seen.index(0)} has no tokens of its own; the template and tokenizer "
+                            "cannot be aligned")
+        return ids, labels
+
+
+def truncate(ids, labels, max_length, where):
+    """Cut a sample to max_length tokens (image tokens count). Never inside an image; never to zero supervision."""
+    if len(ids) <= max_length:
+        return ids, labels
+    if IMAGE_TOKEN_INDEX in ids[max_length:]:
+        raise DataError(f"{where}: {len(ids)} tokens with its images, more than max_length={max_length}, and an "
+                        "image would be cut; raise --max-length, shorten the sample or skip bad samples")
+    if all(label == IGNORE_INDEX for label in labels[:max_length]):
+        raise DataError(f"{where}: {len(ids)} tokens; cut to max_length={max_length} no reply is left to learn from; "
+                        "raise --max-length, shorten the sample or skip bad samples")
+    return ids[:max_length], labels[:max_length]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def load_image_processor(path):
+    """The vision tower's image processor, with the PIL backend: the numerics LLaVA-1.5 was trained with (the
+    default torchvision backend, picked when torchvision is installed, resizes slightly differently)."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(path, backend="pil")
+
+
+def expand_to_square(image, background):
+    """LLaVA's expand2square: pad the short side, image centred, with the processor's mean colour."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
+def process_image(image, image_processor, aspect_ratio):
+    """A PIL image -> a (3, H, W) float tensor. `pad`: expand to square first (LLaVA-1.5 stage 2 and inference);
+    `crop`: the processor alone, which resizes the short side and centre-crops (LLaVA-1.5 stage 1)."""
+    if aspect_ratio == "pad":
+        background = tuple(int(255 * m) for m in image_processor.image_mean)  # (122, 116, 104) for CLIP
+        image = expand_to_square(image, background)
+    elif aspect_ratio != "crop":
+        raise ValueError(f"unknown image aspect ratio {aspect_ratio!r}; choose 'pad' or 'crop'")
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def load_image(path, where):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{where}: image file {path} does not exist; check --image-folder and the sample's 'image'")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{where}: cannot read image {path} ({e}); replace the file or skip bad samples")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The dataset
+
+
+def read_samples(path):
+    """LLaVA's data file: a JSON list of samples, or one JSON object per line (.jsonl). Errors name the position."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            samples = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+        where = [f"{path}, sample #{i}" for i in range(len(samples))]
+    else:
+        samples, where = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    samples.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: malformed JSON on line {n}: {e.msg}")
+                where.append(f"{path}, line {n}")
+    for i, s in enumerate(samples):
+        if not isinstance(s, dict):
+            raise DataError(f"{where[i]}: expected a JSON object with 'conversations', got {type(s).__name__}")
+        if "id" in s:
+            where[i] = f"{where[i]} (id {s['id']!r})"
+    return samples, where
+
+
+def image_paths(sample):
+    image = sample.get("image")
+    return [] if image is None else [image] if isinstance(image, str) else list(image)
+
+
+class LazySupervisedDataset(torch.utils.data.Dataset):
+    """LLaVA's data file as training samples. Conversations are checked up front; images are opened in __getitem__.
+
+    With skip_bad=True a bad sample is counted and replaced by the next good one (deterministically), and every
+    item says how many bad samples were passed over to reach it; otherwise the first bad sample raises DataError.
+    """
+
+    def __init__(self, data_path, image_folder, fmt, image_processor=None, aspect_ratio="pad", max_length=2048,
+                 skip_bad=False):
+        self.fmt, self.image_processor, self.image_folder = fmt, image_processor, image_folder
+        self.aspect_ratio, self.max_length, self.skip_bad = aspect_ratio, max_length, skip_bad
+        self.samples, self.where, self.messages, self.num_bad = [], [], [], 0
+        for sample, where in zip(*read_samples(data_path)):
+            try:
+                if image_paths(sample) and image_processor is None:
+                    raise DataError(f"{where}: has an image but the dataset was built without an image processor")
+                self.messages.append(parse_conversation(sample.get("conversations"), len(image_paths(sample)), where))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                log.warning("skipping bad sample: %s", e)
+                self.num_bad += 1
+                continue
+            self.samples.append(sample)
+            self.where.append(where)
+        if not self.samples:
+            raise DataError(f"{data_path}: no usable samples")
+
+    def __len__(self):
+        return len(self.samples)
+
+    @property
+    def modality_lengths(self):
+        """LLaVA's grouping key: words over all turns, positive for samples with images, negative for text-only."""
+        return [sum(len(t["value"].split()) for t in s["conversations"]) * (1 if image_paths(s) else -1)
+                for s in self.samples]
+
+    def load(self, i):
+        where = self.where[i]
+        ids, labels = self.fmt.encode(self.messages[i], where)
+        ids, labels = truncate(ids, labels, self.max_length, where)
+        paths = [os.path.join(self.image_folder or "", p) for p in image_paths(self.samples[i])]
+        images = [process_image(load_image(p, where), self.image_processor, self.aspect_ratio) for p in paths]
+        return {"id": self.samples[i].get("id"), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "pixel_values": torch.stack(images) if images else None}
+
+    def __getitem__(self, i):
+        for skipped in range(len(self)):
+            try:
+                return {**self.load((i + skipped) % len(self)), "skipped": skipped}
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                log.warning("skipping bad sample: %s", e)
+                error = e
+        raise DataError(f"every sample is bad; the last error: {error}")
+
+
+def collate(samples, pad_id):
+    """Right-padded batch: input_ids (pad_id), labels (IGNORE_INDEX), attention_mask, and the images of all samples
+    concatenated in order (None when the batch has none). `skipped` counts the bad samples passed over."""
+    n = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), n), dtype=torch.long)
+    for row, s in enumerate(samples):
+        k = len(s["input_ids"])
+        input_ids[row, :k], labels[row, :k], attention_mask[row, :k] = s["input_ids"], s["labels"], 1
+    images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": torch.cat(images) if images else None,
+            "skipped": sum(s.get("skipped", 0) for s in samples)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sampler: LLaVA-1.5's group_by_modality_length, over ranks and gradient-accumulation steps
+
+
+def split_to_even_chunks(indices, lengths, num_chunks):
+    """Deal indices (longest first) into equally many chunks, each time to the chunk with the least total length."""
+    size = len(indices) // num_chunks
+    chunks, totals = [[] for _ in range(num_chunks)], [0] * num_chunks
+    for i in indices:
+        c = totals.index(min(totals))
+        chunks[c].append(i)
+        totals[c] = totals[c] + lengths[i] if len(chunks[c]) < size else float("inf")
+    return chunks
+
+
+@dataclass
+class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
+    """The sample indices one rank reads, in order, for one epoch.
+
+    A global batch (a "megabatch") is micro_batch_size x world_size x grad_accum samples; it is cut into
+    world_size x grad_accum micro-batches of similar total length, and rank r takes micro-batches r, r + world_size,
+    ... as its accumulation steps. With group_by_length (LLaVA-1.5 stage 2), as in LLaVA's LengthGroupedSampler:
+    samples are shuffled within each modality (image / text-only, from the sign of `lengths`), cut into megabatches,
+    each sorted by length; the full megabatches of both modalities are shuffled together and the leftovers of both
+    go last. So every full global batch holds one modality. Without it: one shuffle of everything.
+
+    The order depends only on (seed, epoch); set_epoch(epoch, start_step) resumes mid-epoch. The last megabatch is
+    filled up with samples from the start of the epoch's order, so every rank takes the same number of full steps.
+    """
+
+    lengths: list = field(repr=False)
+    micro_batch_size: int
+    world_size: int = 1
+    rank: int = 0
+    grad_accum: int = 1
+    group_by_length: bool = True
+    seed: int = 0
+    epoch: int = 0
+    start_step: int = 0
+
+    def __post_init__(self):
+        assert 0 <= self.rank < self.world_size and all(n != 0 for n in self.lengths)
+
+    @property
+    def global_batch(self):
+        return self.micro_batch_size * self.world_size * self.grad_accum
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def megabatches(self):
+        """This epoch's global batches, each a list of world_size x grad_accum micro-batches."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        n, size = len(self.lengths), self.global_batch
+        if self.group_by_length:
+            groups = [[i for i in range(n) if self.lengths[i] > 0], [i for i in range(n) if self.lengths[i] < 0]]
+        else:
+            groups = [list(range(n))]
+        full, leftover = [], []
+        for group in groups:
+            order = [group[j] for j in torch.randperm(len(group), generator=g).tolist()]
+            cut = len(order) - len(order) % size
+            full += [order[j:j + size] for j in range(0, cut, size)]
+            leftover += order[cut:]
+        full = [full[j] for j in torch.randperm(len(full), generator=g).tolist()]
+        if leftover:
+            order = itertools.cycle([i for batch in full for i in batch] + leftover)
+            leftover += list(itertools.islice(order, (-len(leftover)) % size))
+            full += [leftover[j:j + size] for j in range(0, len(leftover), size)]
+        length = [abs(x) for x in self.lengths]
+        if self.group_by_length:
+            full = [sorted(b, key=lambda i: length[i], reverse=True) for b in full]
+            return [split_to_even_chunks(b, length, self.world_size * self.grad_accum) for b in full]
+        return [[b[j:j + self.micro_batch_size] for j in range(0, size, self.micro_batch_size)] for b in full]
+
+    def __len__(self):
+        return (self.steps_per_epoch() - self.start_step) * self.micro_batch_size * self.grad_accum
+
+    def steps_per_epoch(self):
+        if not self.group_by_length:
+            return -(-len(self.lengths) // self.global_batch)
+        image = sum(1 for x in self.lengths if x > 0)
+        text = len(self.lengths) - image
+        leftover = image % self.global_batch + text % self.global_batch
+        return image // self.global_batch + text // self.global_batch + -(-leftover // self.global_batch)
+
+    def __iter__(self):
+        for batch in self.megabatches()[self.start_step:]:
+            for step in range(self.grad_accum):
+                yield from batch[step * self.world_size + self.rank]

@@ -1,0 +1,27 @@
+"""Tiny models and tokenizers built offline from configs, shared by the tests (../shared/reference/platform.md)."""
+
+import os
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+from tools.tiny import chatml_tokenizer, llama_tokenizer, save_tiny_backbones  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama_tok():
+    return llama_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def chatml_tok():
+    return chatml_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory, llama_tok):
+    return save_tiny_backbones(str(tmp_path_factory.mktemp("backbones")), tokenizer=llama_tok)
