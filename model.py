@@ -145,13 +145,21 @@ class LlavaModel(nn.Module):
     # --- building, saving, loading ---
 
     @classmethod
-    def from_config(cls, config, dtype=None):
-        """The backbones with their pretrained weights (from config.vision_tower and config.llm), a fresh projector."""
+    def from_config(cls, config, dtype=None, empty=False):
+        """The backbones with their pretrained weights (from config.vision_tower and config.llm), a fresh projector.
+
+        empty=True builds the same model with every parameter on the meta device, reading only the backbones'
+        configs: sharded training builds it so on each rank and lets rank 0 load and broadcast the weights.
+        """
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         with quiet_transformers():  # a full CLIP checkpoint reports its unused text tower; that is expected
             vision_config = AutoConfig.from_pretrained(config.vision_tower)
             vision_config = getattr(vision_config, "vision_config", vision_config)
+            if empty:
+                with params_on_meta():
+                    return cls(config, AutoModel.from_config(vision_config),
+                               AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.llm)))
             tower = AutoModel.from_pretrained(config.vision_tower, config=vision_config, dtype=dtype)
         llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype)
         model = cls(config, tower, llm)
@@ -242,6 +250,29 @@ class LlavaModel(nn.Module):
             raise ValueError(f"{path}: weights missing for {still_empty[:5]} ({len(still_empty)} in all)")
         model.vision_tower.requires_grad_(False)
         return model.to(dtype) if dtype is not None else model
+
+
+def projector_weights(path):
+    """Projector weights (our names) from a checkpoint of ours (a directory) or LLaVA's stage-1 mm_projector.bin.
+
+    LLaVA's keys are model.mm_projector.{0,2,...}.* for mlpNx_gelu (odd indices are the GELUs) and
+    model.mm_projector.{weight,bias} for linear (reference/llava.md 1.3, 7.1). The .bin is read with
+    weights_only=True: a pickle that carries anything but tensors is refused.
+    """
+    if os.path.isdir(path):
+        prefix = "multi_modal_projector."
+        return {k[len(prefix):]: v for k, v in read_weights(path).items() if k.startswith(prefix)}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    out = {}
+    for key, value in state.items():
+        if "mm_projector." not in key:
+            continue
+        name = key.split("mm_projector.", 1)[1]
+        index, _, param = name.rpartition(".")
+        out[f"linear_{int(index) // 2 + 1 if index else 1}.{param}"] = value
+    if not out:
+        raise ValueError(f"{path} holds no mm_projector weights")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def llama_tokenizer(vocab_size=600):
+def llama_tokenizer(vocab_size=600, corpus=CORPUS):
     """Llama-style: SentencePiece-like BPE (Metaspace "▁" dummy prefix, byte fallback), BOS <s>, EOS </s>."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizerFast
@@ -34,7 +34,7 @@ def llama_tokenizer(vocab_size=600):
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     specials = ["<unk>", "<s>", "</s>", "<pad>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(list(corpus) * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
     merges = [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
     return LlamaTokenizerFast(vocab=tok.get_vocab(), merges=merges, unk_token="<unk>", bos_token="<s>",
                               eos_token="</s>", add_bos_token=True, padding_side="right")

@@ -1,0 +1,172 @@
+"""Per-GPU memory of LLaVA-1.5 stage 2 (full fine-tuning) at world size 8: arithmetic, and the real shard sizes.
+
+    python tools/memory.py                         # 7B and 13B: shard sizes under a simulated world of 8 + arithmetic
+    python tools/memory.py --measure --model 7b    # on a GPU: one real rank of a simulated world of 8, one full step
+
+The model is built exactly as train.py builds it (empty parameters, FSDP2 per decoder layer / tower / root, bf16
+compute over fp32 master weights), but in one process that believes it is rank 0 of 8 (torch's fake process group:
+collectives do nothing). Counting the local shards gives the exact per-rank size of the sharded state. With
+--measure the rank also allocates its shards on the GPU, runs forward, backward and AdamW on a batch of real shapes,
+and reports torch.cuda.max_memory_allocated: what one of 8 real GPUs would hold (the gathered weights are garbage,
+the memory is real). Arithmetic follows reference/performance.md section 5.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+GiB = 2**30
+# Vicuna v1.5 = Llama-2 architecture; CLIP ViT-L/14-336 (reference/performance.md section 2)
+LLMS = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+        "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)}
+CLIP_L_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, projection_dim=768)
+
+
+def write_configs(root, size):
+    """config.json directories for the backbones, so the model can be built without downloading weights."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision, llm = os.path.join(root, "vision"), os.path.join(root, "llm")
+    CLIPVisionConfig(**CLIP_L_336).save_pretrained(vision)
+    LlamaConfig(vocab_size=32000, num_key_value_heads=LLMS[size]["num_attention_heads"], max_position_embeddings=4096,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, **LLMS[size]).save_pretrained(llm)
+    return vision, llm
+
+
+def fake_world(world_size):
+    try:
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # private: registers the "fake" backend
+    except ImportError as e:
+        raise SystemExit(f"this torch has no fake process group ({e}); the arithmetic alone: --no-shards")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+
+
+def build_sharded(size, root):
+    import train
+    from model import LlavaModel
+
+    vision, llm = write_configs(root, size)
+    cfg = train.TrainConfig(vision_tower=vision, llm=llm, train_llm=True)
+    model = LlavaModel.from_config(cfg.model_config(), empty=True)
+    train.prepare(model, cfg)
+    train.shard(model, "bf16")
+    return model, cfg
+
+
+def local_numel(params):
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
+
+
+def arithmetic(model, micro_batch, seq_len, supervised=256, ce_chunk=2048):
+    """Bytes per rank, by item, for stage 2 with FSDP2 full sharding, bf16 compute, activation checkpointing."""
+    text = model.language_model.config
+    d, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    layer = sum(p.numel() for p in model.language_model.base_model.layers[0].parameters())
+    root = sum(p.numel() for n, p in model.named_parameters()
+               if not n.startswith(("vision_tower.", "language_model.model.layers.")))
+    tokens = micro_batch * seq_len
+    return {
+        "fp32 master weights (sharded)": 4 * local_numel(params),
+        "fp32 gradients (sharded)": 4 * local_numel(trainable),
+        "AdamW m and v, fp32 (sharded)": 8 * local_numel(trainable),
+        "bf16 gathered weights: root + 2 layers (prefetch)": 2 * (root + 2 * layer),
+        "checkpointed layer inputs, bf16": 2 * tokens * d * layers,
+        "one layer recomputed in backward (~34 B/token/width)": 34 * tokens * d,
+        "logits of one CE chunk (fp32 + grad), supervised tokens only": 8 * min(ce_chunk, micro_batch * supervised) * vocab,
+    }
+
+
+def measure(model, cfg, micro_batch, seq_len, device, steps=3):
+    """One real rank: shards on the device, forward/backward/AdamW steps at real shapes.
+
+    Returns the peak allocated bytes and the last step's seconds. The fake group skips all communication, so the
+    time is the rank's compute alone: an upper bound on the throughput of 8 real GPUs.
+    """
+    import time
+
+    import train
+    from data import IMAGE_TOKEN_INDEX
+
+    train.materialize(model, device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    optimizer = train.make_optimizer(model, cfg)
+    n_img = model.num_image_tokens
+    ids = torch.randint(0, 32000, (micro_batch, seq_len), device=device)
+    ids[:, 1:1 + n_img] = IMAGE_TOKEN_INDEX
+    labels = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, -100)
+    labels[:, : seq_len - 224] = -100  # the replies: the last ~224 text tokens
+    pixels = torch.randn(micro_batch, 3, 336, 336, device=device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(steps):
+        start = time.perf_counter()
+        ce, n = model(ids, None, pixels, labels)
+        (ce / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device), time.perf_counter() - start
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(LLMS), nargs="+", default=sorted(LLMS))
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, nargs="+", default=[800, 2048], help="tokens per sample, 576 of them image")
+    p.add_argument("--measure", action="store_true", help="also run one real rank on the GPU")
+    p.add_argument("--json", help="write the numbers here too")
+    args = p.parse_args(argv)
+    if args.measure and not torch.cuda.is_available():
+        raise SystemExit("--measure needs a GPU; without one the shard sizes and the arithmetic are reported")
+
+    fake_world(args.world_size)
+    report = {}
+    for size in args.model:
+        with tempfile.TemporaryDirectory() as root:
+            model, cfg = build_sharded(size, root)
+            total = sum(p.numel() for p in model.parameters())
+            print(f"\nLLaVA-1.5-{size.upper()} stage 2, world size {args.world_size}, micro-batch "
+                  f"{args.micro_batch_size}: {total / 1e9:.3f}B parameters, {local_numel(model.parameters()) / 1e6:.1f}M "
+                  "on this rank")
+            for seq_len in args.seq_len:
+                items = arithmetic(model, args.micro_batch_size, seq_len)
+                print(f"  T = {seq_len}:")
+                for name, nbytes in items.items():
+                    print(f"    {name:<62} {nbytes / GiB:7.2f} GiB")
+                print(f"    {'total':<62} {sum(items.values()) / GiB:7.2f} GiB")
+                entry = {"items_gib": {k: v / GiB for k, v in items.items()}, "total_gib": sum(items.values()) / GiB}
+                if args.measure:
+                    import train
+
+                    device = torch.device("cuda")
+                    peak, seconds = measure(model, cfg, args.micro_batch_size, seq_len, device)
+                    lengths = torch.full((args.micro_batch_size,), seq_len)
+                    flops = train.FlopCounter(model, train_llm=True)(lengths, args.micro_batch_size)
+                    entry.update(measured_peak_gib=peak / GiB, step_seconds=seconds,
+                                 tokens_per_s=args.micro_batch_size * seq_len / seconds,
+                                 mfu_compute_only=flops / seconds / (train.peak_flops(device) or float("nan")))
+                    print(f"    {'measured peak (torch.cuda.max_memory_allocated)':<62} {peak / GiB:7.2f} GiB"
+                          f"  [{torch.cuda.get_device_name()}]")
+                    print(f"    step {seconds:.3f} s, {entry['tokens_per_s']:.0f} tokens/s on this rank, MFU "
+                          f"{entry['mfu_compute_only']:.1%} (compute only: the fake group does no communication)")
+                report[f"{size}/T{seq_len}"] = entry
+    dist.destroy_process_group()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
