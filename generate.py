@@ -1,0 +1,265 @@
+"""How it answers: KV-cached greedy and sampled generation, batched, and a streaming chat CLI.
+
+    python generate.py --model runs/toy/finetune --image runs/toy/world/images/0000.png "What shape is on the left?"
+    python generate.py --model runs/toy/finetune --image photo.jpg --chat      # multi-turn; /image PATH, /reset, /quit
+
+One prefill runs the prompts (left-padded, image features spliced in) through the LLM and fills its KV cache; then each
+step feeds one new token per sequence. Greedy when temperature is 0, else temperature, top-k and top-p sampling from a
+seeded generator. Each sequence stops at EOS or at a stop string on its own. Prompts come from data.ChatFormat, the code
+that builds training samples, so the generation prompt is exactly the training prefix (it ends with "ASSISTANT:" for
+vicuna_v1). LLaVA's defaults: temperature 0.2, 512 new tokens (reference/llava.md section 6); benchmarks use greedy.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from data import IMAGE_TOKEN, ChatFormat, DataError, load_image, load_image_processor, process_image
+from model import LlavaModel
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(path, dtype=None, device="cpu"):
+    """A LLaVA checkpoint of either stage: (model, ChatFormat, image processor). The tokenizer and image processor are
+    the checkpoint's own when it has them, else those of the backbones its config names."""
+    from transformers import AutoTokenizer
+
+    model = LlavaModel.from_pretrained(path, dtype=dtype).to(device).eval()
+    has = lambda *names: any(os.path.exists(os.path.join(path, n)) for n in names)  # noqa: E731
+    tokenizer = AutoTokenizer.from_pretrained(path if has("tokenizer.json", "tokenizer.model") else model.config.llm)
+    processor = load_image_processor(path if has("preprocessor_config.json") else model.config.vision_tower)
+    return model, ChatFormat(tokenizer, model.config.template, model.num_image_tokens), processor
+
+
+def prepare_images(paths, processor, aspect_ratio):
+    """Image files -> an (n, 3, H, W) tensor, preprocessed as the model was trained (pad or crop); None for none."""
+    if not paths:
+        return None
+    return torch.stack([process_image(load_image(p, p), processor, aspect_ratio) for p in paths])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def next_tokens(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits of the last position -> (B,) token ids."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs > top_p  # tokens entirely beyond the nucleus (the first always stays)
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The decoding loop
+
+
+@torch.no_grad()
+def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=0.0, top_k=None, top_p=None,
+             seed=None, eos_ids=(), pad_id=0, stop_strings=(), tokenizer=None, use_cache=True, on_token=None):
+    """New token ids for each prompt (lists of input ids with IMAGE_TOKEN_INDEX placeholders), EOS excluded.
+
+    pixel_values holds the images of all prompts, in order. A sequence ends at an id in eos_ids, or when its decoded
+    text contains a stop string (then the ids up to it are kept; needs `tokenizer`). on_token(i, token_id) is called
+    for every new token of sequence i (streaming). use_cache=False recomputes the whole sequence at every step (the
+    reference the KV cache must agree with).
+    """
+    device = model.multi_modal_projector.linear_1.weight.device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("an empty prompt")
+    context = model.language_model.config.max_position_embeddings
+    if width >= context:
+        raise ValueError(f"a prompt of {width} tokens (image tokens included) does not fit the LLM's context of "
+                         f"{context}; shorten the conversation")
+    max_new_tokens = min(max_new_tokens, context - width)
+    # Left padding: every prompt ends at the last column, so each step appends one column for all of them.
+    ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        mask[i, width - len(p):] = 1
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None and temperature > 0 else None
+    eos_ids = set(eos_ids)
+    head, embed_tokens = model.language_model.get_output_embeddings(), model.language_model.get_input_embeddings()
+
+    def forward(embeds, mask, cache):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
+        out = model.language_model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                              past_key_values=cache, use_cache=cache is not None)
+        return head(out.last_hidden_state[:, -1]), out.past_key_values
+
+    prompt_embeds = model.embed(ids, pixel_values)
+    cache = None
+    if use_cache:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.language_model.config)
+    logits, cache = forward(prompt_embeds, mask, cache)
+    new, finished = [[] for _ in range(batch)], [False] * batch
+    all_embeds = prompt_embeds
+    for step in range(max_new_tokens):
+        token = next_tokens(logits, temperature, top_k, top_p, generator)
+        for i, t in enumerate(token.tolist()):
+            if finished[i]:
+                continue
+            if t in eos_ids:
+                finished[i] = True
+                continue
+            new[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
+            if stop_strings and any(s in tokenizer.decode(new[i][-8:]) for s in stop_strings):
+                finished[i] = True
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        token = token.masked_fill(torch.tensor(finished, device=device), pad_id)  # finished rows just idle
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+        step_embeds = embed_tokens(token[:, None])
+        if use_cache:
+            logits, cache = forward(step_embeds, mask, cache)
+        else:
+            all_embeds = torch.cat([all_embeds, step_embeds], dim=1)
+            logits, _ = forward(all_embeds, mask, None)
+    return [trim_at_stop(seq, stop_strings, tokenizer) for seq in new]
+
+
+def trim_at_stop(ids, stop_strings, tokenizer):
+    """Drop the tokens from the one that completes a stop string onwards."""
+    if not stop_strings:
+        return ids
+    for n in range(1, len(ids) + 1):
+        if any(s in tokenizer.decode(ids[:n]) for s in stop_strings):
+            return ids[:n - 1]
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conversations in, text out
+
+
+def stop_strings_for(template):
+    """The plain (stage 1) template ends a caption with "\\n" and no EOS; the chat templates end turns with EOS."""
+    return ("\n",) if template == "plain" else ()
+
+
+def answer(model, fmt, conversations, pixel_values=None, **kwargs):
+    """The next assistant reply for each conversation ([{"role", "content"}, ...] ending with the user's turn, with
+    `<image>` where its images go); images of all conversations in order. Text as LLaVA decodes it: only the new tokens,
+    special tokens skipped, stripped."""
+    tokenizer = fmt.tokenizer
+    prompts = [fmt.prompt(c) for c in conversations]
+    config_eos = getattr(model.language_model.generation_config, "eos_token_id", None)
+    eos = {tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])} - {None}
+    kwargs = {"eos_ids": eos, "pad_id": fmt.pad_id, "stop_strings": stop_strings_for(fmt.template),
+              "tokenizer": tokenizer, **kwargs}
+    outputs = generate(model, prompts, pixel_values, **kwargs)
+    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+
+
+def first_turn(question, n_images):
+    """LLaVA's CLI: the image goes first in the user's turn, as "<image>\\n" (moved there if the text has the tag)."""
+    question = question.strip()
+    if not question:
+        raise ValueError("an empty prompt: ask something")
+    if n_images and IMAGE_TOKEN not in question:
+        question = (IMAGE_TOKEN + "\n") * n_images + question
+    return question
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def chat(model, fmt, processor, args):
+    """A multi-turn conversation on stdin/stdout, streaming each reply as it is generated."""
+    images, messages = [args.image] if args.image else [], []
+    print("Chat with the model. /image PATH starts over with another image, /reset forgets, /quit ends.", flush=True)
+    while True:
+        try:
+            line = input("USER: ").strip()
+        except EOFError:
+            break
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset" or line.startswith("/image "):
+            messages = []
+            images = [line.split(" ", 1)[1].strip()] if line.startswith("/image ") else images
+            print(f"(new conversation{' about ' + images[0] if images else ''})", flush=True)
+            continue
+        if not line:
+            continue
+        try:
+            pixel_values = prepare_images(images, processor, model.config.image_aspect_ratio)
+        except DataError as e:
+            print(f"error: {e}", flush=True)
+            images = []
+            continue
+        content = first_turn(line, len(images)) if not messages else line
+        messages.append({"role": "user", "content": content})
+        print("ASSISTANT: ", end="", flush=True)
+        shown = [""]
+        new_ids = []
+
+        def stream(_, token):
+            new_ids.append(token)
+            text = fmt.tokenizer.decode(new_ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(text[len(shown[0]):], end="", flush=True)
+                shown[0] = text
+
+        reply = answer(model, fmt, [messages], pixel_values, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                       on_token=stream)[0]
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="the question (omit with --chat)")
+    p.add_argument("--model", required=True, help="a checkpoint directory of pretrain.py or finetune.py")
+    p.add_argument("--image", help="an image file")
+    p.add_argument("--chat", action="store_true", help="hold a multi-turn conversation")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float32 on CPU, bfloat16 on GPU")
+    args = p.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        if not args.chat and not (args.prompt or "").strip():
+            raise ValueError("an empty prompt: pass a question, or --chat")
+        model, fmt, processor = load(args.model, dtype, device)
+        if args.chat:
+            return chat(model, fmt, processor, args)
+        pixel_values = prepare_images([args.image] if args.image else [], processor, model.config.image_aspect_ratio)
+        messages = [{"role": "user", "content": first_turn(args.prompt, 0 if pixel_values is None else 1)}]
+        print(answer(model, fmt, [messages], pixel_values, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)[0])
+    except (DataError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

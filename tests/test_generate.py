@@ -1,0 +1,192 @@
+"""generate.py: greedy equals transformers' generate, batching and the KV cache change nothing, sampling is seeded
+and restricted as asked, and the CLI answers, streams and refuses bad input clearly."""
+
+import pytest
+import torch
+from hf_reference import HF_IMAGE_ID, VOCAB, reference_and_ours
+from PIL import Image
+
+import generate
+from data import IMAGE_TOKEN_INDEX
+from model import LlavaConfig, LlavaModel
+from tools.tiny import llama_tokenizer, save_tiny_backbones
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return reference_and_ours(tmp_path_factory.mktemp("ref"))
+
+
+def prompts(n_image_tokens, seed=0):
+    """Three prompts of different lengths with 0, 1 and 2 images, as ChatFormat.prompt builds them."""
+    g = torch.Generator().manual_seed(seed)
+    text = lambda k: torch.randint(3, HF_IMAGE_ID, (k,), generator=g).tolist()  # noqa: E731
+    image = [IMAGE_TOKEN_INDEX] * n_image_tokens
+    return [[1] + text(6), [1] + text(2) + image + text(4), [1] + image + text(3) + image + text(1)], \
+        torch.randn(3, 3, 16, 16, generator=g)
+
+
+def test_greedy_equals_transformers_generate(models):
+    hf, ours = models
+    batch, pixel_values = prompts(ours.num_image_tokens)
+    width = max(map(len, batch))
+    ids = torch.tensor([[0] * (width - len(p)) + [HF_IMAGE_ID if t == IMAGE_TOKEN_INDEX else t for t in p]
+                        for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    expected = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, max_new_tokens=12,
+                           do_sample=False, eos_token_id=2, pad_token_id=0)[:, width:].tolist()
+    got = generate.generate(ours, batch, pixel_values, max_new_tokens=12, eos_ids={2}, pad_id=0)
+    assert got == [row[:row.index(2)] if 2 in row else row for row in expected]
+    assert sum(map(len, got)) > 20  # sequences long enough to mean something
+
+
+def test_each_sequence_of_a_batch_equals_generating_it_alone(models):
+    _, ours = models
+    batch, pixel_values = prompts(ours.num_image_tokens, seed=1)
+    together = generate.generate(ours, batch, pixel_values, max_new_tokens=10)
+    images = [pixel_values[:0], pixel_values[:1], pixel_values[1:]]
+    alone = [generate.generate(ours, [p], im if len(im) else None, max_new_tokens=10)[0] for p, im in zip(batch, images)]
+    assert together == alone
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kv_cache_equals_recomputing_every_step(models, temperature):
+    _, ours = models
+    batch, pixel_values = prompts(ours.num_image_tokens, seed=2)
+    kw = dict(max_new_tokens=10, temperature=temperature, seed=7)
+    assert generate.generate(ours, batch, pixel_values, **kw) == \
+        generate.generate(ours, batch, pixel_values, use_cache=False, **kw)
+
+
+def test_sampling_is_reproducible_from_its_seed(models):
+    _, ours = models
+    batch, pixel_values = prompts(ours.num_image_tokens, seed=3)
+    kw = dict(max_new_tokens=10, temperature=1.0)
+    a = generate.generate(ours, batch, pixel_values, seed=1, **kw)
+    assert a == generate.generate(ours, batch, pixel_values, seed=1, **kw)
+    assert a != generate.generate(ours, batch, pixel_values, seed=2, **kw)
+
+
+def test_each_sequence_stops_at_eos_on_its_own(models):
+    _, ours = models
+    batch, pixel_values = prompts(ours.num_image_tokens, seed=4)
+    full = generate.generate(ours, batch, pixel_values, max_new_tokens=12)
+    stop = full[0][3]  # make a token the first sequence writes at step 4 an end token
+    cut = generate.generate(ours, batch, pixel_values, max_new_tokens=12, eos_ids={stop})
+    assert cut == [row[:row.index(stop)] if stop in row else row for row in full]
+    assert len(cut[0]) == full[0].index(stop) and max(map(len, cut)) == 12
+
+
+DRAWS = 20000
+
+
+def frequencies(logits, **kw):
+    g = torch.Generator().manual_seed(0)
+    draws = generate.next_tokens(logits.expand(DRAWS, -1), generator=g, **kw)
+    return torch.bincount(draws, minlength=logits.shape[-1]).float() / DRAWS
+
+
+def test_temperature_top_k_and_top_p_shape_the_distribution():
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
+    p = logits.softmax(-1)[0]
+    assert (frequencies(logits, temperature=1.0) - p).abs().max() < 0.015
+    hot = (logits / 2.0).softmax(-1)[0]
+    assert (frequencies(logits, temperature=2.0) - hot).abs().max() < 0.015
+    top3 = frequencies(logits, temperature=1.0, top_k=3)
+    assert top3[3:].sum() == 0 and (top3[:3] - p[:3] / p[:3].sum()).abs().max() < 0.015
+    # the nucleus: the smallest set of most likely tokens whose mass reaches top_p (here the first two: 0.37 + 0.22)
+    nucleus = frequencies(logits, temperature=1.0, top_p=0.5)
+    assert nucleus[2:].sum() == 0 and (nucleus[:2] - p[:2] / p[:2].sum()).abs().max() < 0.015
+    assert torch.equal(frequencies(logits, temperature=0.0), torch.eye(6)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line, on a checkpoint saved like finetune.py saves one
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    tokenizer = llama_tokenizer()
+    vision, llm = save_tiny_backbones(str(root), tokenizer=tokenizer)
+    model = LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm))
+    out = root / "model"
+    model.save_pretrained(out, modules=("multi_modal_projector", "language_model"))
+    tokenizer.save_pretrained(out)
+    Image.new("RGB", (30, 20), (200, 30, 30)).save(root / "red.png")
+    (root / "corrupt.png").write_bytes(b"not a png")
+    return root
+
+
+def cli(capsys, *argv):
+    generate.main(list(argv))
+    return capsys.readouterr().out
+
+
+def test_cli_answers_about_an_image(checkpoint, capsys):
+    out = cli(capsys, "--model", str(checkpoint / "model"), "--image", str(checkpoint / "red.png"),
+              "--temperature", "0", "--max-new-tokens", "6", "What color is it?")
+    model, fmt, processor = generate.load(str(checkpoint / "model"))
+    pixel_values = generate.prepare_images([str(checkpoint / "red.png")], processor, "pad")
+    expected = generate.answer(model, fmt, [[{"role": "user", "content": "<image>\nWhat color is it?"}]],
+                               pixel_values, max_new_tokens=6)[0]
+    assert out == expected + "\n"
+
+
+def test_chat_streams_and_loads_another_image(checkpoint, capsys, monkeypatch):
+    lines = iter(["What is this?", "And now?", f"/image {checkpoint / 'red.png'}", "Again?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out = cli(capsys, "--model", str(checkpoint / "model"), "--image", str(checkpoint / "red.png"), "--chat",
+              "--temperature", "0", "--max-new-tokens", "4")
+    assert out.count("ASSISTANT: ") == 3 and "(new conversation about" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "{root}/missing.png", "Hi?"], "does not exist"),
+    (["--image", "{root}/corrupt.png", "Hi?"], "cannot read image"),
+    (["  "], "empty prompt"),
+    (["word " * 400], "does not fit the LLM's context of 256"),
+])
+def test_cli_refuses_bad_input_clearly(checkpoint, args, message, capsys):
+    argv = ["--model", str(checkpoint / "model")] + [a.format(root=checkpoint) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        generate.main(argv)
+    assert message in str(exit_.value)
+
+
+def test_stage1_checkpoint_answers_with_the_base_llm(checkpoint, capsys, tmp_path):
+    """A projector-only directory (pretrain.py's output): the LLM and its tokenizer come from the config's path."""
+    model = LlavaModel.from_pretrained(str(checkpoint / "model"))
+    model.config.template = "plain"
+    model.save_pretrained(tmp_path, modules=("multi_modal_projector",))
+    assert not (tmp_path / "tokenizer.json").exists()
+    out = cli(capsys, "--model", str(tmp_path), "--image", str(checkpoint / "red.png"), "--temperature", "0",
+              "--max-new-tokens", "5", "ignored by plain")
+    model, fmt, processor = generate.load(str(checkpoint / "model"))  # the same weights, all in one directory
+    fmt = generate.ChatFormat(fmt.tokenizer, "plain", model.num_image_tokens)
+    pixel_values = generate.prepare_images([str(checkpoint / "red.png")], processor, "pad")
+    expected = generate.answer(model, fmt, [[{"role": "user", "content": "<image>\nignored by plain"}]], pixel_values,
+                               max_new_tokens=5)[0]
+    assert out == expected + "\n"
+
+
+def test_left_padding_positions_with_absolute_position_embeddings(tmp_path):
+    """With RoPE (Llama) a constant position offset changes nothing; GPT-2's learned positions show whether left
+    padding gets each row its own positions. Also: any causal LM works, not only Llama."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    vision, _ = save_tiny_backbones(str(tmp_path))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=48, n_layer=2, n_head=4,
+                                      tie_word_embeddings=False))
+    with torch.no_grad():  # larger weights than the 0.02 init, or a random GPT-2 just repeats its last token
+        for p in gpt2.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    model = LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=str(tmp_path / "gpt2"))).eval()
+    batch, _ = prompts(model.num_image_tokens, seed=5)
+    pixel_values = torch.randn(3, 3, 16, 16)
+    together = generate.generate(model, batch, pixel_values, max_new_tokens=8)
+    images = [None, pixel_values[:1], pixel_values[1:]]
+    assert together == [generate.generate(model, [p], im, max_new_tokens=8)[0] for p, im in zip(batch, images)]

@@ -1,0 +1,122 @@
+"""Generation speed: our decoding loop against transformers' LlavaForConditionalGeneration.generate, same weights.
+
+    python tools/bench_generate.py                              # tiny LLaVA-shaped model on CPU
+    python tools/bench_generate.py --size 7b --dtype bfloat16   # on a GPU: 7B-shaped (Vicuna-7B + CLIP-L/14-336)
+
+Random weights with the real shapes; batch 1; a prompt of one image + `--text-tokens` text tokens; greedy; EOS
+ignored so both write exactly --new-tokens tokens. Reports time to first token (prefill + first token), decode
+tokens/s (the tokens after the first), and on a GPU the fraction of the memory-bandwidth roofline (bf16 LLM weights
++ KV cache read once per token, reference/performance.md section 6). Median of --repeats runs after a warm-up.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12}
+TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4)
+TINY_CLIP = dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4)
+
+
+def build(size, dtype, device):
+    """transformers' Llava with random weights, and ours sharing its modules (one copy of the weights)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig as HFConfig, \
+        LlavaForConditionalGeneration
+
+    from model import LlavaConfig, LlavaModel, params_on_meta
+    from tools.memory import CLIP_L_336, LLMS
+
+    llm = LLMS[size] if size in LLMS else TINY_LLM
+    text = LlamaConfig(vocab_size=32000, num_key_value_heads=llm["num_attention_heads"], max_position_embeddings=4096,
+                       tie_word_embeddings=False, **llm)
+    vision = CLIPVisionConfig(**(dict(CLIP_L_336) if size in LLMS else TINY_CLIP))
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = LlavaForConditionalGeneration(HFConfig(vision_config=vision, text_config=text, image_token_index=31999))
+    hf = hf.to(dtype).eval()
+    with tempfile.TemporaryDirectory() as root:
+        vision.save_pretrained(os.path.join(root, "vision"))
+        with params_on_meta():
+            causal_lm = LlamaForCausalLM(text)
+    causal_lm.model, causal_lm.lm_head = hf.model.language_model, hf.lm_head
+    ours = LlavaModel(LlavaConfig(), hf.model.vision_tower, causal_lm)
+    ours.multi_modal_projector = hf.model.multi_modal_projector
+    return hf, ours.eval()
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    import generate
+    from data import IMAGE_TOKEN_INDEX
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["tiny", "7b", "13b"], default="tiny")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+
+    hf, ours = build(args.size, dtype, device)
+    n_image = ours.num_image_tokens
+    side = hf.config.vision_config.image_size
+    text = torch.randint(3, 31000, (args.text_tokens,)).tolist()
+    prompt = [1] + [IMAGE_TOKEN_INDEX] * n_image + text
+    hf_ids = torch.tensor([[31999 if t == IMAGE_TOKEN_INDEX else t for t in prompt]], device=device)
+    pixel_values = torch.randn(1, 3, side, side, device=device, dtype=dtype)
+
+    def run_ours(n):
+        return lambda: generate.generate(ours, [prompt], pixel_values, max_new_tokens=n)
+
+    def run_hf(n):
+        return lambda: hf.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixel_values,
+                                   max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    with torch.no_grad():
+        assert generate.generate(ours, [prompt], pixel_values, max_new_tokens=8)[0] == \
+            run_hf(8)()[0, len(prompt):].tolist(), "the two disagree on greedy tokens"
+        results = {}
+        for name, make in (("ours", run_ours), ("transformers generate", run_hf)):
+            make(2)()  # warm-up
+            first = statistics.median(timed(make(1), device) for _ in range(args.repeats))
+            full = statistics.median(timed(make(args.new_tokens), device) for _ in range(args.repeats))
+            results[name] = (first, (args.new_tokens - 1) / (full - first))
+
+    llm_bytes = sum(p.numel() * p.element_size() for p in ours.language_model.parameters()) + \
+        sum(p.numel() * p.element_size() for p in ours.multi_modal_projector.parameters())
+    cfg = ours.language_model.config
+    context = len(prompt) + args.new_tokens // 2
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.hidden_size * context * torch.finfo(dtype).bits // 8
+    bandwidth = next((v for k, v in BANDWIDTH.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
+                     None)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.size} LLaVA-shaped, {args.dtype}, {where}; batch 1, prompt {len(prompt)} tokens "
+          f"({n_image} image), {args.new_tokens} new tokens, median of {args.repeats}")
+    for name, (ttft, rate) in results.items():
+        roofline = f", {rate * (llm_bytes + kv_bytes) / bandwidth:.0%} of the bandwidth roofline" if bandwidth else ""
+        print(f"  {name:<22} time to first token {ttft * 1000:8.1f} ms   decode {rate:8.1f} tokens/s{roofline}")
+    print(f"  ours / transformers: decode {results['ours'][1] / results['transformers generate'][1]:.2f}x, "
+          f"TTFT {results['transformers generate'][0] / results['ours'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
