@@ -1,0 +1,284 @@
+"""evaluate.py: published LLaVA-1.5 numbers from its released answers, every scoring rule on hand-made fixtures, the
+judge client against a loopback server, and `run` end to end with resume."""
+
+import http.server
+import json
+import os
+import threading
+
+import pytest
+from PIL import Image
+
+import evaluate
+from model import LlavaConfig, LlavaModel
+from tools.tiny import llama_tokenizer, save_tiny_backbones
+
+REF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
+                   "eval_reference")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Published numbers
+
+
+def test_scienceqa_img_of_llava_1_5_13b_is_71_64(tmp_path):
+    metrics = evaluate.main(["score", "scienceqa", "--questions", f"{REF}/scienceqa/llava_test_CQM-A.json",
+                             "--answers", f"{REF}/scienceqa/llava-v1.5-13b_answers.jsonl", "--out",
+                             str(tmp_path / "m.json")])
+    assert (metrics["img_correct"], metrics["img_total"], metrics["correct"], metrics["total"]) == (1445, 2017, 3155, 4241)
+    assert round(metrics["img_accuracy"], 2) == 71.64 and json.loads((tmp_path / "m.json").read_text()) == metrics
+
+
+@pytest.mark.parametrize("size,runs,mean", [("13b", [72.8, 72.7, 72.1], 72.5), ("7b", [64.8, 65.3, 66.3], 65.5)])
+def test_llava_bench_in_the_wild_relative_scores(size, runs, mean, tmp_path):
+    reviews = [f"{REF}/llava-bench-in-the-wild/llava-v1.5-{size}-eval{i}.jsonl" for i in (1, 2, 3)]
+    metrics = evaluate.main(["score", "llava_bench", "--reviews", *reviews, "--out", str(tmp_path / "m.json")])
+    assert [r["all"]["relative"] for r in metrics["runs"].values()] == runs
+    assert metrics["mean"]["all"] == mean
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rules on hand-made fixtures
+
+
+def test_judge_score_parsing_is_llavas():
+    assert [evaluate.parse_review(t) for t in ["8 6\nwhy", "7.5 9", "9,9\n", "9, 9\n", "8  6", "Score: 8 6", "8"]] == \
+        [[8, 6], [7.5, 9], [9, 9], [-1, -1], [-1, -1], [-1, -1], [-1, -1]]  # split on single spaces, as LLaVA
+
+
+def test_scienceqa_letter_extraction():
+    assert [evaluate.sqa_letter(t) for t in ["B", "C. a cat", "The answer is D.", "I think so. The answer is A. Yes",
+                                             "The answer is A. The answer is B.", "b", "F", "C.cat", ""]] == \
+        ["B", "C", "D", "A", None, None, None, None, None]
+
+
+@pytest.mark.parametrize("raw,normalized", [
+    ("Yes!", "yes"), ("t-shirt", "t shirt"), ("Two dogs", "2 dogs"), ("the red one", "red 1"), ("A cat.", "cat"),
+    ("dont know", "don't know"), ("man's hat", "man 's hat"), ("3.5", "3.5"), ("1,000", "1000"), ("(left)", "left"),
+    ("left, right", "left right"), ("none", "0"), ("Isnt it", "isn't it"), ("yes\tno\n", "yes no"),
+    ("e-mail address", "e mail address"), ("a - b", "b"), ("@home", "home"),
+])
+def test_evalai_answer_normalisation(raw, normalized):
+    assert evaluate.normalize_answer(raw) == normalized
+
+
+@pytest.mark.parametrize("agree,score", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_soft_accuracy_by_number_of_agreeing_humans(agree, score):
+    humans = ["two"] * agree + [f"other {i}" for i in range(10 - agree)]
+    assert abs(evaluate.soft_accuracy("2", humans) - score) < 1e-9
+
+
+def test_vqa_textvqa_and_vqav2_annotations(tmp_path):
+    textvqa = {"data": [{"image_id": "img1", "question": "What brand?", "answers": ["Nike"] * 3 + ["adidas"] * 7},
+                        {"image_id": "img2", "question": "What year?", "answers": ["1999"] * 10}]}
+    (tmp_path / "t.json").write_text(json.dumps(textvqa))
+    answers = write_jsonl(tmp_path / "a.jsonl", [
+        {"question_id": "img1", "prompt": "What brand?\nReference OCR token: nike, air\nAnswer the question using a "
+                                          "single word or phrase.", "text": "nike"}])
+    metrics = evaluate.score_vqa(answers, str(tmp_path / "t.json"))
+    assert metrics["missing"] == 1 and abs(metrics["accuracy"] - 100 * 0.9 / 2) < 1e-9
+    vqav2 = {"annotations": [{"question_id": 7, "answers": [{"answer": "two"}] * 2 + [{"answer": "3"}] * 8}]}
+    (tmp_path / "v.json").write_text(json.dumps(vqav2))
+    answers = write_jsonl(tmp_path / "b.jsonl", [{"question_id": 7, "prompt": "How many?", "text": "Two."}])
+    assert abs(evaluate.score_vqa(answers, str(tmp_path / "v.json"))["accuracy"] - 60) < 1e-9
+
+
+def test_pope_rule_and_per_split_pairing(tmp_path):
+    assert [evaluate.pope_says_yes(t) for t in ["Yes", "No", "No, there is not.", "There is no dog.",
+                                                "Yes. There is no cat.", "Nope", "not sure", "Yes, it is there."]] == \
+        [True, False, False, False, True, True, False, True]
+    suffix = "\nAnswer the question using a single word or phrase."
+    questions, labels, answers = [], {"random": [], "popular": []}, []
+    rows = [("random", "a.jpg", "Is there a dog in the image?", "yes", "Yes"),
+            ("random", "a.jpg", "Is there a cat in the image?", "no", "Yes"),
+            ("random", "b.jpg", "Is there a car in the image?", "no", "No"),
+            ("random", "b.jpg", "Is there a bus in the image?", "yes", None),  # no answer: counts as wrong
+            ("popular", "a.jpg", "Is there a dog in the image?", "yes", "No, there is not."),
+            ("popular", "c.jpg", "Is there a cup in the image?", "no", "No")]
+    for i, (split, image, text, label, answer) in enumerate(rows):
+        questions.append({"question_id": 100 + i, "image": image, "text": text + suffix, "category": split})
+        labels[split].append({"question_id": i, "image": image, "text": text, "label": label})
+        if answer is not None:
+            answers.append({"question_id": 100 + i, "prompt": text + suffix, "text": answer})
+    (tmp_path / "labels").mkdir()
+    for split, rows_ in labels.items():
+        write_jsonl(tmp_path / "labels" / f"coco_pope_{split}.json", rows_)
+    metrics = evaluate.score_pope(write_jsonl(tmp_path / "q.jsonl", questions),
+                                  write_jsonl(tmp_path / "a.jsonl", answers[::-1]),  # order does not matter here
+                                  str(tmp_path / "labels"))
+    r, p = metrics["splits"]["random"], metrics["splits"]["popular"]
+    assert (r["tp"], r["fp"], r["tn"], r["fn"]) == (1, 1, 1, 1) and metrics["missing"] == 1
+    assert (r["accuracy"], r["precision"], r["recall"], r["f1"], r["yes_ratio"]) == (50, 50, 50, 50, 50)
+    assert (p["tp"], p["fp"], p["tn"], p["fn"]) == (0, 0, 1, 1) and p["f1"] == 0 and p["yes_ratio"] == 0
+    assert metrics["mean_f1"] == 25
+
+
+def test_mme_acc_plus_counts_images_with_both_answers_right(tmp_path):
+    root = tmp_path / "MME"
+    (root / "color").mkdir(parents=True)
+    (root / "color" / "1.txt").write_text("Is it red? Please answer yes or no.\tYes\nIs it blue? Please answer yes or no.\tNo\n")
+    (root / "color" / "2.txt").write_text("Is it red? Please answer yes or no.\tNo\nIs it blue? Please answer yes or no.\tYes\n")
+    (root / "code_reasoning" / "questions_answers_YN").mkdir(parents=True)
+    (root / "code_reasoning" / "questions_answers_YN" / "7.txt").write_text(
+        "Does it print 2? Please answer yes or no.\tYes\nDoes it print 3? Please answer yes or no.\tNo\n")
+    suffix = "\nAnswer the question using a single word or phrase."
+    q = [("color/1.jpg", "Is it red?", "Yes."), ("color/1.jpg", "Is it blue?", "no"),  # image 1: both right
+         ("color/2.jpg", "Is it red?", "yes"), ("color/2.jpg", "Is it blue?", "Yes"),  # image 2: one right
+         ("code_reasoning/7.png", "Does it print 2?", "y"), ("code_reasoning/7.png", "Does it print 3?", "maybe")]
+    questions = [{"question_id": f"{img}-{i}", "image": img, "text": text + suffix, "category": img.split("/")[0]}
+                 for i, (img, text, _) in enumerate(q)]
+    answers = [{"question_id": f"{img}-{i}", "prompt": text, "text": a} for i, (img, text, a) in enumerate(q)]
+    metrics = evaluate.score_mme(write_jsonl(tmp_path / "q.jsonl", questions), write_jsonl(tmp_path / "a.jsonl", answers),
+                                 str(root))
+    assert metrics["subtasks"]["color"] == {"acc": 75.0, "acc_plus": 50.0, "score": 125.0}
+    assert metrics["subtasks"]["code_reasoning"] == {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}
+    assert (metrics["perception"], metrics["cognition"]) == (125.0, 50.0)
+    assert [evaluate.mme_label(t) for t in ["Yes.", "NO", "n", "yes, it is", "Not really", "maybe"]] == \
+        ["yes", "no", "no", "yes", "no", "other"]
+
+
+def test_gqa_lowercases_and_strips_the_trailing_period(tmp_path):
+    (tmp_path / "gqa.json").write_text(json.dumps({"1": {"answer": "yes"}, "2": {"answer": "left"},
+                                                   "3": {"answer": "table"}}))
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": "1", "text": "Yes."}, {"question_id": "2", "text": "Left"},
+                                                 {"question_id": "3", "text": "the table"}])
+    metrics = evaluate.score_gqa(answers, str(tmp_path / "gqa.json"))
+    assert (metrics["correct"], metrics["n"]) == (2, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_unknown_missing_and_malformed_answers(tmp_path, capsys):
+    questions = f"{REF}/scienceqa/llava_test_CQM-A.json"
+    unknown = write_jsonl(tmp_path / "u.jsonl", [{"question_id": "no-such-question", "text": "A"}])
+    with pytest.raises(SystemExit, match="1 answers to questions not in the question file"):
+        evaluate.main(["score", "scienceqa", "--questions", questions, "--answers", unknown, "--out", str(tmp_path / "m")])
+    few = write_jsonl(tmp_path / "f.jsonl", [{"question_id": "4", "text": "B"}])
+    metrics = evaluate.score_scienceqa(questions, few)
+    assert metrics["missing"] == 4240 and metrics["correct"] == 1 and "4240 of 4241" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"question_id": "4", "text": "B"}\n{"question_id": "5", "text": \n')
+    with pytest.raises(SystemExit, match="bad.jsonl: malformed JSON on line 2"):
+        evaluate.main(["score", "scienceqa", "--questions", questions, "--answers", str(tmp_path / "bad.jsonl")])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The judge client, against a loopback server that speaks chat completions
+
+
+class Judge(http.server.BaseHTTPRequestHandler):
+    replies, requests = [], []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Judge.requests.append({"path": self.path, "auth": self.headers["Authorization"], "body": body})
+        status, content = Judge.replies.pop(0)
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_llava_bench_judge_layout_parsing_and_retries(tmp_path, monkeypatch, capsys):
+    server = http.server.HTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Judge.requests.clear()
+    Judge.replies[:] = [(503, ""), (200, "8 6\nAssistant 2 misses the dog."), (200, "I cannot rate this."),
+                        (200, "9,9\nBoth fine.")]
+    questions = write_jsonl(tmp_path / "q.jsonl", [
+        {"question_id": 0, "image": "x.jpg", "text": "What is here?", "category": "conv"},
+        {"question_id": 1, "image": "x.jpg", "text": "Describe it.", "category": "detail"},
+        {"question_id": 2, "image": "y.jpg", "text": "Why?", "category": "complex"}])
+    context = write_jsonl(tmp_path / "c.jsonl", [{"image": "x.jpg", "caption": "A dog on grass."},
+                                                 {"image": "y.jpg", "caption": ["Line one.", "Line two."]}])
+    reference = write_jsonl(tmp_path / "r.jsonl", [{"question_id": i, "text": f"gpt4 says {i}"} for i in range(3)])
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": i, "text": f"model says {i}", "answer_id": f"m{i}"}
+                                                 for i in range(3)])
+    monkeypatch.setenv("SECRET_KEY_VAR", "sk-test-123")
+    metrics = evaluate.main(["score", "llava_bench", "--questions", questions, "--context", context, "--reference",
+                             reference, "--answers", answers, "--runs", "1", "--reviews-dir", str(tmp_path / "rev"),
+                             "--judge-endpoint", f"http://127.0.0.1:{server.server_port}/v1", "--judge-model", "judge-1",
+                             "--judge-key-env", "SECRET_KEY_VAR", "--judge-backoff", "0.01"])
+    server.shutdown()
+    assert len(Judge.requests) == 4 and "retrying" in capsys.readouterr().err  # the 503 was retried
+    first = Judge.requests[1]
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test-123"
+    assert first["body"]["model"] == "judge-1" and first["body"]["temperature"] == 0.2
+    assert first["body"]["messages"][0] == {"role": "system", "content": evaluate.JUDGE_SYSTEM}
+    assert first["body"]["messages"][1]["content"] == (
+        "[Context]\nA dog on grass.\n\n[Question]\nWhat is here?\n\n[Assistant 1]\ngpt4 says 0\n\n[End of Assistant 1]"
+        f"\n\n[Assistant 2]\nmodel says 0\n\n[End of Assistant 2]\n\n[System]\n{evaluate.JUDGE_RULE}\n\n")
+    assert "[Context]\nLine one.\nLine two.\n\n" in Judge.requests[3]["body"]["messages"][1]["content"]
+    reviews = [json.loads(line) for line in open(tmp_path / "rev" / "a-eval1.jsonl")]
+    assert [r["tuple"] for r in reviews] == [[8, 6], [-1, -1], [9, 9]]  # unparseable: [-1, -1], kept in the means
+    assert metrics["mean"]["all"] == round(100 * (6 - 1 + 9) / (8 - 1 + 9), 1)
+    assert not any("sk-test-123" in open(os.path.join(d, f)).read()
+                   for d, _, files in os.walk(tmp_path) for f in files)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# run: answering end to end, and resuming
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalmodel")
+    tokenizer = llama_tokenizer()
+    vision, llm = save_tiny_backbones(str(root), tokenizer=tokenizer)
+    model = LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm))
+    model.save_pretrained(root / "model", modules=("multi_modal_projector", "language_model"))
+    tokenizer.save_pretrained(root / "model")
+    for i, color in enumerate(["red", "blue", "green", "yellow", "purple"]):
+        Image.new("RGB", (24, 16), color).save(root / f"{i}.png")
+    return root
+
+
+def test_run_writes_llavas_schema_and_resumes(model_dir, tmp_path, monkeypatch):
+    suffix = "\nAnswer the question using a single word or phrase."
+    questions = write_jsonl(tmp_path / "q.jsonl", [
+        {"question_id": 10 + i, "image": f"{i}.png", "text": f"What color is it?{suffix}", "category": "c"}
+        for i in range(5)] + [{"question_id": 99, "text": "Name a shape." + suffix, "category": "text"}])
+    argv = ["run", "--model", str(model_dir / "model"), "--questions", questions, "--image-folder", str(model_dir),
+            "--batch-size", "2", "--max-new-tokens", "4"]
+    evaluate.main(argv + ["--answers", str(tmp_path / "straight.jsonl")])
+    straight = [json.loads(line) for line in open(tmp_path / "straight.jsonl")]
+    assert [a["question_id"] for a in straight] == [10, 11, 12, 13, 14, 99]
+    assert all(set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} for a in straight)
+    assert straight[0]["prompt"] == f"What color is it?{suffix}" and straight[0]["model_id"] == "model"
+
+    import generate
+    answer, calls = generate.answer, []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return answer(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "answer", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(argv + ["--answers", str(tmp_path / "resumed.jsonl")])
+    with open(tmp_path / "resumed.jsonl", "a") as f:
+        f.write('{"question_id": 12, "prom')  # a line cut short by the crash
+    monkeypatch.setattr(generate, "answer", answer)
+    evaluate.main(argv + ["--answers", str(tmp_path / "resumed.jsonl")])
+    resumed = [json.loads(line) for line in open(tmp_path / "resumed.jsonl")]
+    assert [(a["question_id"], a["text"]) for a in resumed] == [(a["question_id"], a["text"]) for a in straight]
+
+
+def test_run_reports_a_missing_image(model_dir, tmp_path):
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "nope.png", "text": "Q?"}])
+    with pytest.raises(SystemExit, match="nope.png does not exist"):
+        evaluate.main(["run", "--model", str(model_dir / "model"), "--questions", questions, "--image-folder",
+                       str(model_dir), "--answers", str(tmp_path / "a.jsonl")])
