@@ -253,6 +253,19 @@ def load_image_processor(path):
     return AutoImageProcessor.from_pretrained(path, backend="pil")
 
 
+def load_tokenizer_and_processor(checkpoint, config):
+    """The tokenizer and image processor of a checkpoint directory: its own files when it has them (training writes
+    them), else those of the backbones its config names (config.llm, config.vision_tower)."""
+    from transformers import AutoTokenizer
+
+    def own(*names):
+        return os.path.isdir(checkpoint) and any(os.path.exists(os.path.join(checkpoint, n)) for n in names)
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint if own("tokenizer.json", "tokenizer.model") else config.llm)
+    processor = load_image_processor(checkpoint if own("preprocessor_config.json") else config.vision_tower)
+    return tokenizer, processor
+
+
 def expand_to_square(image, background):
     """LLaVA's expand2square: pad the short side, image centred, with the processor's mean colour."""
     w, h = image.size

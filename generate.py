@@ -2,6 +2,7 @@
 
     python generate.py --model runs/toy/finetune --image runs/toy/world/images/0000.png "What shape is on the left?"
     python generate.py --model runs/toy/finetune --image photo.jpg --chat      # multi-turn; /image PATH, /reset, /quit
+    python generate.py --model DIR --image photo.jpg --compile "Describe it."  # static KV cache + torch.compile
 
 One prefill runs the prompts (left-padded, image features spliced in) through the LLM and fills its KV cache; then each
 step feeds one new token per sequence. Greedy when temperature is 0, else temperature, top-k and top-p sampling from a
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-from data import IMAGE_TOKEN, ChatFormat, DataError, load_image, load_image_processor, process_image
+from data import IMAGE_TOKEN, ChatFormat, DataError, load_image, load_tokenizer_and_processor, process_image
 from model import LlavaModel
 
 
@@ -27,12 +28,8 @@ from model import LlavaModel
 def load(path, dtype=None, device="cpu"):
     """A LLaVA checkpoint of either stage: (model, ChatFormat, image processor). The tokenizer and image processor are
     the checkpoint's own when it has them, else those of the backbones its config names."""
-    from transformers import AutoTokenizer
-
     model = LlavaModel.from_pretrained(path, dtype=dtype).to(device).eval()
-    has = lambda *names: any(os.path.exists(os.path.join(path, n)) for n in names)  # noqa: E731
-    tokenizer = AutoTokenizer.from_pretrained(path if has("tokenizer.json", "tokenizer.model") else model.config.llm)
-    processor = load_image_processor(path if has("preprocessor_config.json") else model.config.vision_tower)
+    tokenizer, processor = load_tokenizer_and_processor(path, model.config)
     return model, ChatFormat(tokenizer, model.config.template, model.num_image_tokens), processor
 
 
@@ -69,13 +66,15 @@ def next_tokens(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 @torch.no_grad()
 def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=0.0, top_k=None, top_p=None,
-             seed=None, eos_ids=(), pad_id=0, stop_strings=(), tokenizer=None, use_cache=True, on_token=None):
+             seed=None, eos_ids=(), pad_id=0, stop_strings=(), tokenizer=None, use_cache=True, on_token=None,
+             static=False):
     """New token ids for each prompt (lists of input ids with IMAGE_TOKEN_INDEX placeholders), EOS excluded.
 
     pixel_values holds the images of all prompts, in order. A sequence ends at an id in eos_ids, or when its decoded
     text contains a stop string (then the ids up to it are kept; needs `tokenizer`). on_token(i, token_id) is called
     for every new token of sequence i (streaming). use_cache=False recomputes the whole sequence at every step (the
-    reference the KV cache must agree with).
+    reference the KV cache must agree with). static=True decodes over a preallocated KV cache with fixed shapes, one
+    compiled step per token (see compiled_step): gpt-fast's recipe for GPUs.
     """
     device = model.multi_modal_projector.linear_1.weight.device
     batch, width = len(prompts), max(len(p) for p in prompts)
@@ -106,11 +105,27 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
 
     prompt_embeds = model.embed(ids, pixel_values)
     cache = None
-    if use_cache:
+    if static:
+        # Fixed shapes for every decode step: the cache and the mask span the whole budget from the start (the prompt
+        # length rounded up, so prompts of similar length share one compiled step); unfilled columns stay masked.
+        from transformers import StaticCache
+
+        length = -(-(width + max_new_tokens) // 128) * 128
+        cache = StaticCache(config=model.language_model.config, max_cache_len=length)
+        full_mask = torch.zeros((batch, length), dtype=mask.dtype, device=device)
+        full_mask[:, :width] = mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model.language_model.base_model(inputs_embeds=prompt_embeds, attention_mask=full_mask,
+                                              position_ids=positions, past_key_values=cache, use_cache=True,
+                                              cache_position=torch.arange(width, device=device))
+        logits, decode = head(out.last_hidden_state[:, -1]), compiled_step(model)
+        position = positions[:, -1:]
+    elif use_cache:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.language_model.config)
-    logits, cache = forward(prompt_embeds, mask, cache)
+    if not static:
+        logits, cache = forward(prompt_embeds, mask, cache)
     new, finished = [[] for _ in range(batch)], [False] * batch
     all_embeds = prompt_embeds
     for step in range(max_new_tokens):
@@ -129,6 +144,12 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
         if all(finished) or step == max_new_tokens - 1:
             break
         token = token.masked_fill(torch.tensor(finished, device=device), pad_id)  # finished rows just idle
+        if static:
+            column = width + step
+            full_mask[:, column] = 1
+            position = position + 1
+            logits = decode(token[:, None], position, torch.tensor([column], device=device), full_mask, cache).clone()
+            continue
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
         step_embeds = embed_tokens(token[:, None])
         if use_cache:
@@ -137,6 +158,26 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
             all_embeds = torch.cat([all_embeds, step_embeds], dim=1)
             logits, _ = forward(all_embeds, mask, None)
     return [trim_at_stop(seq, stop_strings, tokenizer) for seq in new]
+
+
+_COMPILED = {}
+
+
+def compiled_step(model):
+    """One decoding step (a token per sequence -> next-token logits) over a StaticCache, compiled once per model with
+    mode="reduce-overhead" (CUDA graphs on a GPU). COMPILE=0 in the environment runs it eagerly (tests)."""
+    if model not in _COMPILED:
+        llm = model.language_model
+
+        def step(token, position, cache_position, mask, cache):
+            out = llm.base_model(inputs_embeds=llm.get_input_embeddings()(token), attention_mask=mask,
+                                 position_ids=position, cache_position=cache_position, past_key_values=cache,
+                                 use_cache=True)
+            return llm.get_output_embeddings()(out.last_hidden_state[:, -1])
+
+        compile_it = os.environ.get("COMPILE", "1") != "0"
+        _COMPILED[model] = torch.compile(step, mode="reduce-overhead", dynamic=False) if compile_it else step
+    return _COMPILED[model]
 
 
 def trim_at_stop(ids, stop_strings, tokenizer):
@@ -225,7 +266,7 @@ def chat(model, fmt, processor, args):
 
         reply = answer(model, fmt, [messages], pixel_values, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                       on_token=stream)[0]
+                       on_token=stream, static=args.compile)[0]
         print(flush=True)
         messages.append({"role": "assistant", "content": reply})
 
@@ -241,6 +282,9 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile of the decoding step (CUDA graphs on a GPU): slow to start, "
+                        "fast per token")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")
     args = p.parse_args(argv)
@@ -256,7 +300,8 @@ def main(argv=None):
         pixel_values = prepare_images([args.image] if args.image else [], processor, model.config.image_aspect_ratio)
         messages = [{"role": "user", "content": first_turn(args.prompt, 0 if pixel_values is None else 1)}]
         print(answer(model, fmt, [messages], pixel_values, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)[0])
+                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                     static=args.compile)[0])
     except (DataError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

@@ -154,13 +154,12 @@ class LlavaModel(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         with quiet_transformers():  # a full CLIP checkpoint reports its unused text tower; that is expected
-            vision_config = AutoConfig.from_pretrained(config.vision_tower)
-            vision_config = getattr(vision_config, "vision_config", vision_config)
             if empty:
+                vision_config = AutoConfig.from_pretrained(config.vision_tower)
                 with params_on_meta():
-                    return cls(config, AutoModel.from_config(vision_config),
+                    return cls(config, AutoModel.from_config(getattr(vision_config, "vision_config", vision_config)),
                                AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.llm)))
-            tower = AutoModel.from_pretrained(config.vision_tower, config=vision_config, dtype=dtype)
+            tower = load_vision_tower(config.vision_tower)
         llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype)
         model = cls(config, tower, llm)
         return model.to(dtype) if dtype is not None else model
@@ -207,49 +206,129 @@ class LlavaModel(nn.Module):
                 os.remove(os.path.join(path, f))
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None):
-        """A directory written by save_pretrained (or a hub id holding one). Backbones whose weights the directory
-        does not hold are loaded from the paths in its config, as LLaVA reloads its vision tower."""
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
+    def from_pretrained(cls, path, dtype=None, model_base=None):
+        """A directory (or hub id) in any of these layouts, recognised from its config.json:
+        - ours (save_pretrained): backbones whose weights the directory does not hold are loaded from the paths in
+          its config, as LLaVA reloads its vision tower;
+        - the original LLaVA's (liuhaotian/llava-v1.5-7b: `mm_*` config keys, `model.*` / `lm_head` weights), or its
+          stage-1 output (config.json + mm_projector.bin), whose LLM comes from `model_base`;
+        - transformers' llava-hf (`model_type: llava`), in any on-disk layout transformers reads.
+        """
         path = resolve(path)
         with open(os.path.join(path, "config.json")) as f:
             saved = json.load(f)
-        config = LlavaConfig(**{f.name: saved[f.name] for f in fields(LlavaConfig) if f.name in saved})
-        state = read_weights(path)
-        present = {name.split(".", 1)[0] for name in state}
-        if "multi_modal_projector" not in present:
-            raise ValueError(f"{path} holds no projector weights (multi_modal_projector.*); is it a LLaVA checkpoint "
-                             "written by save_pretrained?")
-
-        def sub_config(key):
-            d = dict(saved[key])
-            return AutoConfig.for_model(d.pop("model_type"), **d)
-
-        with quiet_transformers():
-            if "vision_tower" in present:
-                with params_on_meta():
-                    tower = AutoModel.from_config(sub_config("vision_config"))
-            else:
-                vision_config = AutoConfig.from_pretrained(config.vision_tower)
-                tower = AutoModel.from_pretrained(config.vision_tower,
-                                                  config=getattr(vision_config, "vision_config", vision_config))
-        if "language_model" in present:
-            with params_on_meta():
-                llm = AutoModelForCausalLM.from_config(sub_config("text_config"))
+        if "mm_vision_tower" in saved:
+            model = from_original_llava(cls, path, saved, model_base)
+        elif saved.get("model_type") == "llava":
+            model = from_llava_hf(cls, path)
         else:
-            llm = AutoModelForCausalLM.from_pretrained(config.llm)
-        model = cls(config, tower, llm)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if unexpected:
-            raise ValueError(f"{path}: weights the model does not have: {unexpected[:5]}...")
-        if model.language_model.config.get_text_config().tie_word_embeddings:
-            model.language_model.tie_weights()
-        still_empty = [n for n, p in model.named_parameters() if p.is_meta]
-        if still_empty:
-            raise ValueError(f"{path}: weights missing for {still_empty[:5]} ({len(still_empty)} in all)")
+            model = from_our_layout(cls, path, saved)
         model.vision_tower.requires_grad_(False)
         return model.to(dtype) if dtype is not None else model
+
+
+def from_our_layout(cls, path, saved):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = LlavaConfig(**{f.name: saved[f.name] for f in fields(LlavaConfig) if f.name in saved})
+    state = read_weights(path)
+    present = {name.split(".", 1)[0] for name in state}
+    if "multi_modal_projector" not in present:
+        raise ValueError(f"{path} holds no projector weights (multi_modal_projector.*); is it a LLaVA checkpoint "
+                         "written by save_pretrained?")
+
+    def sub_config(key):
+        d = dict(saved[key])
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+
+    with quiet_transformers():
+        if "vision_tower" in present:
+            with params_on_meta():
+                tower = AutoModel.from_config(sub_config("vision_config"))
+        else:
+            tower = load_vision_tower(config.vision_tower)
+    if "language_model" in present:
+        with params_on_meta():
+            llm = AutoModelForCausalLM.from_config(sub_config("text_config"))
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(config.llm)
+    return assign_weights(cls(config, tower, llm), state, path)
+
+
+def from_original_llava(cls, path, saved, model_base):
+    """The original LLaVA layout (reference/llava.md 7): missing mm_* keys take the original's defaults; the tower is
+    reloaded from mm_vision_tower (the checkpoint's own copy is ignored, as LLaVA ignores it); the LLM is the
+    checkpoint's `model.*` + `lm_head` weights, or `model_base` for a stage-1 directory (mm_projector.bin)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    aspect = saved.get("image_aspect_ratio", "square")
+    config = LlavaConfig(vision_tower=saved["mm_vision_tower"], llm=model_base or path,
+                         projector_type=saved.get("mm_projector_type", "linear"),
+                         vision_feature_layer=saved.get("mm_vision_select_layer", -1),
+                         vision_feature_select=saved.get("mm_vision_select_feature", "patch"), template="vicuna_v1",
+                         image_aspect_ratio="pad" if aspect == "pad" else "crop",
+                         max_length=saved.get("tokenizer_model_max_length") or 2048)
+    with quiet_transformers():
+        tower = load_vision_tower(config.vision_tower)
+    if model_base is not None or not has_weights(path):
+        if model_base is None:
+            raise ValueError(f"{path} holds only a projector (LLaVA stage 1); pass the base LLM as model_base")
+        model = cls(config, tower, AutoModelForCausalLM.from_pretrained(model_base))
+        model.multi_modal_projector.load_state_dict(projector_weights(os.path.join(path, "mm_projector.bin")))
+        return model
+    text = {k: v for k, v in saved.items() if not k.startswith("mm_") and k not in ("architectures", "model_type")}
+    with params_on_meta():
+        llm = AutoModelForCausalLM.from_config(LlamaConfig(**text))
+    state = {}
+    for name, tensor in read_weights(path).items():
+        if "mm_projector." in name:
+            index, _, param = name.split("mm_projector.", 1)[1].rpartition(".")
+            state[f"multi_modal_projector.linear_{int(index) // 2 + 1 if index else 1}.{param}"] = tensor
+        elif not name.startswith("model.vision_tower."):
+            state[f"language_model.{name}"] = tensor
+    return assign_weights(cls(config, tower, llm), state, path)
+
+
+def from_llava_hf(cls, path):
+    """transformers' LlavaForConditionalGeneration (llava-hf), read by transformers itself (every on-disk layout),
+    its modules then reused as ours. Its 2-layer GELU projector is our mlp2x_gelu."""
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    hf = LlavaForConditionalGeneration.from_pretrained(path)
+    c = hf.config
+    if not isinstance(c.vision_feature_layer, int) or c.projector_hidden_act != "gelu":
+        raise ValueError(f"{path}: only a single vision_feature_layer and a GELU projector map onto LLaVA-1.5")
+    config = LlavaConfig(vision_tower=path, llm=path, projector_type="mlp2x_gelu",
+                         vision_feature_layer=c.vision_feature_layer, template="vicuna_v1",
+                         vision_feature_select={"default": "patch", "full": "cls_patch"}[c.vision_feature_select_strategy])
+    with params_on_meta():
+        llm = AutoModelForCausalLM.from_config(c.text_config)
+    setattr(llm, llm.base_model_prefix, hf.model.language_model)
+    llm.lm_head = hf.lm_head
+    model = cls(config, hf.model.vision_tower, llm)
+    model.multi_modal_projector.load_state_dict(hf.model.multi_modal_projector.state_dict())
+    return model
+
+
+def load_vision_tower(path):
+    """Any transformers vision model; from a full CLIP/SigLIP checkpoint, its vision half."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path)
+    return AutoModel.from_pretrained(path, config=getattr(config, "vision_config", config))
+
+
+def assign_weights(model, state, path):
+    """Load `state` into a model whose missing parameters sit on the meta device; every one must be filled."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{path}: weights the model does not have: {unexpected[:5]}...")
+    if model.language_model.config.get_text_config().tie_word_embeddings:
+        model.language_model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_empty:
+        raise ValueError(f"{path}: weights missing for {still_empty[:5]} ({len(still_empty)} in all)")
+    return model
 
 
 def projector_weights(path):
@@ -262,7 +341,7 @@ def projector_weights(path):
     if os.path.isdir(path):
         prefix = "multi_modal_projector."
         return {k[len(prefix):]: v for k, v in read_weights(path).items() if k.startswith(prefix)}
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_pickled_tensors(path)
     out = {}
     for key, value in state.items():
         if "mm_projector." not in key:
@@ -341,19 +420,42 @@ def resolve(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
 
 
+WEIGHT_FILES = (("model.safetensors.index.json", "model.safetensors"),
+                ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+
+
+def has_weights(path):
+    return any(os.path.exists(os.path.join(path, f)) for pair in WEIGHT_FILES for f in pair)
+
+
 def read_weights(path):
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
+    """Every tensor of a checkpoint directory: safetensors, or .bin read with weights_only=True; sharded or not."""
+    for index, single in WEIGHT_FILES:
+        if os.path.exists(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            break
+        if os.path.exists(os.path.join(path, single)):
+            files = [single]
+            break
     else:
-        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+        raise FileNotFoundError(f"{path} has no model.safetensors, pytorch_model.bin or their sharded index")
     state = {}
     for f in files:
-        state.update(load_file(os.path.join(path, f)))
+        state.update(load_file(os.path.join(path, f)) if f.endswith(".safetensors") else
+                     load_pickled_tensors(os.path.join(path, f)))
     return state
+
+
+def load_pickled_tensors(path):
+    """A torch.save file of tensors. weights_only=True: a pickle that carries anything else is refused, never run."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {path}: it holds pickled objects other than tensors, and loading it would "
+                         f"run code; convert it to safetensors from a trusted source ({str(e).splitlines()[0]})") from None
 
 
 def write_json(path, obj):

@@ -58,6 +58,17 @@ def test_kv_cache_equals_recomputing_every_step(models, temperature):
         generate.generate(ours, batch, pixel_values, use_cache=False, **kw)
 
 
+def test_static_cache_decoding_equals_the_dynamic_cache(models, monkeypatch):
+    """--compile's path (StaticCache, fixed-shape steps), run eagerly here: compiling costs a minute on a CPU."""
+    monkeypatch.setenv("COMPILE", "0")
+    monkeypatch.setattr(generate, "_COMPILED", {})
+    _, ours = models
+    batch, pixel_values = prompts(ours.num_image_tokens, seed=6)
+    for kw in (dict(), dict(temperature=1.0, seed=3)):
+        assert generate.generate(ours, batch, pixel_values, max_new_tokens=10, static=True, **kw) == \
+            generate.generate(ours, batch, pixel_values, max_new_tokens=10, **kw)
+
+
 def test_sampling_is_reproducible_from_its_seed(models):
     _, ours = models
     batch, pixel_values = prompts(ours.num_image_tokens, seed=3)

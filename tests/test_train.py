@@ -24,7 +24,7 @@ def world(tmp_path_factory):
     """The toy world, small: its replies differ a lot in length ("Yes." or a description), so ranks and micro-batches
     hold different numbers of supervised tokens, and some samples are text-only."""
     root = tmp_path_factory.mktemp("world")
-    return {**build_world(str(root), n_images=40), "root": root}
+    return {**build_world(str(root), n_images=40, n_test=4, clip_steps=2, llm_steps=2), "root": root}
 
 
 def flags(world, out, stage, **overrides):
@@ -33,7 +33,7 @@ def flags(world, out, stage, **overrides):
     settings = dict(vision_tower=world["vision"], llm=world["llm"], data_path=str(world["root"] / data),
                     image_folder=str(world["root"] / "images"), output_dir=str(out), global_batch_size=8,
                     micro_batch_size=2, num_workers=0, precision="fp32", activation_checkpointing=False,
-                    max_length=128, max_steps=4, save_every=1000, lr=1e-3, seed=3)
+                    max_length=256, max_steps=4, save_every=1000, lr=1e-3, seed=3)
     settings.update(overrides)
     argv = []
     for key, value in settings.items():
@@ -129,7 +129,7 @@ def test_tiny_model_overfits_one_batch(world, tmp_path):
     data = json.loads((world["root"] / "conversations.json").read_text())[:4]
     (tmp_path / "one_batch.json").write_text(json.dumps(data))
     run(world, tmp_path / "fit", data_path=str(tmp_path / "one_batch.json"), global_batch_size=4, micro_batch_size=4,
-        max_steps=60, lr=1e-2, warmup_ratio=0.0)
+        max_steps=80, lr=5e-3, warmup_ratio=0.0)
     curve = losses(tmp_path / "fit")
     assert curve[-1] < 0.1 * curve[0], curve
     assert os.path.getsize(tmp_path / "fit" / "loss.png") > 0
@@ -158,8 +158,13 @@ def test_crash_during_a_checkpoint_write_keeps_the_previous_one(world, tmp_path,
 
 def test_non_finite_loss_stops_the_run_and_names_the_checkpoint(world, tmp_path):
     """The projector starts from an original-LLaVA mm_projector.bin (keys model.mm_projector.{0,2}.*) holding NaNs."""
-    state = {"model.mm_projector.0.weight": torch.full((48, 32), float("nan")), "model.mm_projector.0.bias": torch.zeros(48),
-             "model.mm_projector.2.weight": torch.zeros(48, 48), "model.mm_projector.2.bias": torch.zeros(48)}
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(world["llm"]).hidden_size
+    vision = AutoConfig.from_pretrained(world["vision"]).vision_config.hidden_size
+    state = {"model.mm_projector.0.weight": torch.full((text, vision), float("nan")),
+             "model.mm_projector.0.bias": torch.zeros(text), "model.mm_projector.2.weight": torch.zeros(text, text),
+             "model.mm_projector.2.bias": torch.zeros(text)}
     torch.save(state, tmp_path / "mm_projector.bin")
     with pytest.raises(train.NonFiniteError, match="stopping before the update"):
         run(world, tmp_path / "out", init_from=str(tmp_path / "mm_projector.bin"))

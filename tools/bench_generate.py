@@ -72,6 +72,7 @@ def main(argv=None):
     p.add_argument("--text-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time generate.py --compile (compiles first)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -84,8 +85,8 @@ def main(argv=None):
     hf_ids = torch.tensor([[31999 if t == IMAGE_TOKEN_INDEX else t for t in prompt]], device=device)
     pixel_values = torch.randn(1, 3, side, side, device=device, dtype=dtype)
 
-    def run_ours(n):
-        return lambda: generate.generate(ours, [prompt], pixel_values, max_new_tokens=n)
+    def run_ours(n, static=False):
+        return lambda: generate.generate(ours, [prompt], pixel_values, max_new_tokens=n, static=static)
 
     def run_hf(n):
         return lambda: hf.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixel_values,
@@ -95,8 +96,11 @@ def main(argv=None):
         assert generate.generate(ours, [prompt], pixel_values, max_new_tokens=8)[0] == \
             run_hf(8)()[0, len(prompt):].tolist(), "the two disagree on greedy tokens"
         results = {}
-        for name, make in (("ours", run_ours), ("transformers generate", run_hf)):
-            make(2)()  # warm-up
+        runs = [("ours", run_ours), ("transformers generate", run_hf)]
+        if args.compile:
+            runs.append(("ours --compile", lambda n: run_ours(n, static=True)))
+        for name, make in runs:
+            make(args.new_tokens)()  # warm-up (and compilation)
             first = statistics.median(timed(make(1), device) for _ in range(args.repeats))
             full = statistics.median(timed(make(args.new_tokens), device) for _ in range(args.repeats))
             results[name] = (first, (args.new_tokens - 1) / (full - first))
@@ -114,8 +118,9 @@ def main(argv=None):
     for name, (ttft, rate) in results.items():
         roofline = f", {rate * (llm_bytes + kv_bytes) / bandwidth:.0%} of the bandwidth roofline" if bandwidth else ""
         print(f"  {name:<22} time to first token {ttft * 1000:8.1f} ms   decode {rate:8.1f} tokens/s{roofline}")
-    print(f"  ours / transformers: decode {results['ours'][1] / results['transformers generate'][1]:.2f}x, "
-          f"TTFT {results['transformers generate'][0] / results['ours'][0]:.2f}x")
+    for name in [n for n in results if n.startswith("ours")]:
+        print(f"  {name} / transformers: decode {results[name][1] / results['transformers generate'][1]:.2f}x, "
+              f"TTFT {results['transformers generate'][0] / results[name][0]:.2f}x")
 
 
 if __name__ == "__main__":

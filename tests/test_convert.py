@@ -1,0 +1,146 @@
+"""Checkpoint interop: the original LLaVA layout, its stage-1 mm_projector.bin, llava-hf (both on-disk layouts) load
+with logits equal to the source model; an export loads in transformers and answers like ours; pickles are refused."""
+
+import json
+import os
+
+import pytest
+import torch
+from hf_reference import HF_IMAGE_ID, mixed_batch, reference_and_ours
+from PIL import Image
+from safetensors.torch import save_file
+
+import generate
+from data import IMAGE_TOKEN_INDEX, ChatFormat, load_image_processor, process_image
+from model import LlavaConfig, LlavaModel, projector_weights
+from tools.convert import export_llava_hf, import_checkpoint
+from tools.tiny import llama_tokenizer, save_tiny_backbones
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    hf, _ = reference_and_ours(root)
+    return hf, root
+
+
+def hf_logits(hf, n_tokens=16):
+    input_ids, attention_mask, _, pixel_values = mixed_batch(n_tokens)
+    with torch.no_grad():
+        hf_ids = input_ids.masked_fill(input_ids == IMAGE_TOKEN_INDEX, HF_IMAGE_ID)
+        return hf(input_ids=hf_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits, attention_mask
+
+
+def assert_same_logits(model, hf):
+    expected, mask = hf_logits(hf)
+    input_ids, attention_mask, _, pixel_values = mixed_batch(model.num_image_tokens)
+    with torch.no_grad():
+        logits = model.eval()(input_ids, attention_mask, pixel_values)
+    assert (logits[mask.bool()] - expected[mask.bool()]).abs().max() < 1e-5
+
+
+def original_llava_files(hf, root, out):
+    """The reference model written as the original LLaVA writes a finetuned model: mm_* config keys, `model.*` and
+    `lm_head` weights in sharded pytorch_model-*.bin files, and a copy of the tower that loaders ignore."""
+    os.makedirs(out)
+    config = {**hf.config.text_config.to_dict(), "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
+              "mm_vision_tower": str(root / "vision"), "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu",
+              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+              "mm_use_im_start_end": False, "tokenizer_model_max_length": 2048}
+    (out / "config.json").write_text(json.dumps(config))
+    llm = {f"model.{k}": v.clone() for k, v in hf.model.language_model.state_dict().items()}
+    llm["lm_head.weight"] = hf.lm_head.weight.detach().clone()
+    projector = {f"model.mm_projector.{ {'linear_1': 0, 'linear_2': 2}[k.split('.')[0]] }.{k.split('.')[1]}": v.clone()
+                 for k, v in hf.model.multi_modal_projector.state_dict().items()}
+    tower = {f"model.vision_tower.vision_tower.vision_model.{k}": v.clone()
+             for k, v in hf.model.vision_tower.state_dict().items()}
+    shards = [dict(list(llm.items())[:10]), {**dict(list(llm.items())[10:]), **projector, **tower}]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save(shard, out / name)
+        weight_map.update({k: name for k in shard})
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return projector
+
+
+def test_original_llava_layout(reference, tmp_path):
+    hf, root = reference
+    original_llava_files(hf, root, tmp_path / "llava")
+    model = LlavaModel.from_pretrained(str(tmp_path / "llava"))
+    assert (model.config.projector_type, model.config.template, model.config.image_aspect_ratio) == \
+        ("mlp2x_gelu", "vicuna_v1", "pad")
+    assert_same_logits(model, hf)
+
+
+def test_original_stage1_projector_with_its_base_llm(reference, tmp_path):
+    hf, root = reference
+    projector = original_llava_files(hf, root, tmp_path / "full")
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    (stage1 / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
+    torch.save(projector, stage1 / "mm_projector.bin")
+    with pytest.raises(ValueError, match="pass the base LLM"):
+        LlavaModel.from_pretrained(str(stage1))
+    assert_same_logits(LlavaModel.from_pretrained(str(stage1), model_base=str(root / "llm")), hf)
+
+
+def test_llava_hf_layouts(reference, tmp_path):
+    hf, _ = reference
+    hf.save_pretrained(tmp_path / "saved")  # transformers' own on-disk layout
+    assert_same_logits(LlavaModel.from_pretrained(str(tmp_path / "saved")), hf)
+    (tmp_path / "memory").mkdir()  # the in-memory key layout (model.language_model.*, lm_head) as a checkpoint
+    hf.config.save_pretrained(tmp_path / "memory")
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "memory" / "model.safetensors")
+    assert_same_logits(LlavaModel.from_pretrained(str(tmp_path / "memory")), hf)
+    from transformers import CLIPImageProcessorPil
+
+    llama_tokenizer().save_pretrained(tmp_path / "saved")  # llava-hf directories carry their tokenizer and processor
+    CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        tmp_path / "saved")
+    imported = import_checkpoint(str(tmp_path / "saved"), str(tmp_path / "ours"))
+    assert_same_logits(LlavaModel.from_pretrained(str(tmp_path / "ours")), hf)
+    assert imported.config.vision_feature_select == "patch"
+
+
+def test_export_loads_in_transformers_and_answers_like_ours(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    tokenizer = llama_tokenizer()
+    vision, llm = save_tiny_backbones(str(tmp_path), tokenizer=tokenizer)
+    ours = LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm)).eval()
+    export_llava_hf(ours, tokenizer, load_image_processor(vision), str(tmp_path / "hf"))
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+
+    image = Image.new("RGB", (30, 20), (200, 40, 40))
+    fmt = ChatFormat(tokenizer, "vicuna_v1", ours.num_image_tokens)
+    ids = fmt.prompt([{"role": "user", "content": "<image>\nWhat color is it?"}])
+    pixel_values = process_image(image, load_image_processor(vision), "pad")[None]
+    inputs = processor(images=image, text="USER: <image>\nWhat color is it? ASSISTANT:", return_tensors="pt")
+    assert torch.allclose(inputs["pixel_values"], pixel_values, atol=1e-5)  # padded to square like LLaVA
+    assert (inputs["input_ids"] == hf.config.image_token_index).sum() == ours.num_image_tokens
+
+    hf_ids = torch.tensor([[hf.config.image_token_index if t == IMAGE_TOKEN_INDEX else t for t in ids]])
+    with torch.no_grad():
+        expected = hf(input_ids=hf_ids, pixel_values=pixel_values).logits[0, :, :len(tokenizer)]
+        logits = ours(torch.tensor([ids]), None, pixel_values)[0, :, :len(tokenizer)]
+    assert (logits - expected).abs().max() < 1e-5
+    greedy = hf.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixel_values,
+                         max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    mine = generate.generate(ours, [ids], pixel_values, max_new_tokens=8, eos_ids={tokenizer.eos_token_id})[0]
+    assert greedy[:len(mine)] == mine and len(mine) > 0
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"echo pwned > {Payload.target}",))
+
+
+def test_a_pickle_carrying_code_is_refused(tmp_path):
+    Payload.target = tmp_path / "pwned"
+    torch.save({"model.mm_projector.weight": torch.zeros(2, 2), "evil": Payload()}, tmp_path / "mm_projector.bin")
+    with pytest.raises(ValueError, match="refusing to load .*mm_projector.bin"):
+        projector_weights(str(tmp_path / "mm_projector.bin"))
+    assert not Payload.target.exists()
