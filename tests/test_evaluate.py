@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 import evaluate
-from model import LlavaConfig, LlavaModel
-from tools.tiny import llama_tokenizer, save_tiny_backbones
+from tools.tiny import save_tiny_checkpoint
 
 REF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
                    "eval_reference")
@@ -234,11 +233,7 @@ def test_llava_bench_judge_layout_parsing_and_retries(tmp_path, monkeypatch, cap
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalmodel")
-    tokenizer = llama_tokenizer()
-    vision, llm = save_tiny_backbones(str(root), tokenizer=tokenizer)
-    model = LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm))
-    model.save_pretrained(root / "model", modules=("multi_modal_projector", "language_model"))
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_checkpoint(root)
     for i, color in enumerate(["red", "blue", "green", "yellow", "purple"]):
         Image.new("RGB", (24, 16), color).save(root / f"{i}.png")
     return root

@@ -9,7 +9,7 @@ from PIL import Image
 import generate
 from data import IMAGE_TOKEN_INDEX
 from model import LlavaConfig, LlavaModel
-from tools.tiny import llama_tokenizer, save_tiny_backbones
+from tools.tiny import save_tiny_backbones, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +118,7 @@ def test_temperature_top_k_and_top_p_shape_the_distribution():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    tokenizer = llama_tokenizer()
-    vision, llm = save_tiny_backbones(str(root), tokenizer=tokenizer)
-    model = LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm))
-    out = root / "model"
-    model.save_pretrained(out, modules=("multi_modal_projector", "language_model"))
-    tokenizer.save_pretrained(out)
+    save_tiny_checkpoint(root)
     Image.new("RGB", (30, 20), (200, 30, 30)).save(root / "red.png")
     (root / "corrupt.png").write_bytes(b"not a png")
     return root
