@@ -1,7 +1,6 @@
 """data.py: templates, masks, truncation, images, bad input, collation and the sampler."""
 
 import json
-import os
 
 import pytest
 import torch

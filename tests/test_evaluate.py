@@ -12,8 +12,11 @@ from PIL import Image
 import evaluate
 from tools.tiny import save_tiny_checkpoint
 
-REF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
-                   "eval_reference")
+# LLaVA-1.5's released answers and reviews: ../shared/eval_reference beside the checkout (as in CI), or the folder
+# named by LLAVA_EVAL_REFERENCE.
+REF = os.environ.get("LLAVA_EVAL_REFERENCE") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "eval_reference")
+assert os.path.isdir(REF), f"LLaVA's released evaluation files are not at {REF}; set LLAVA_EVAL_REFERENCE"
 
 
 def write_jsonl(path, rows):
