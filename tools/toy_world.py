@@ -30,15 +30,17 @@ import torch  # noqa: E402
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
           "purple": (140, 60, 190), "orange": (240, 140, 30)}
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"on the left": (0.22, 0.5), "on the right": (0.78, 0.5), "at the top": (0.5, 0.22),
-             "at the bottom": (0.5, 0.78)}
+# 48-pixel pictures seen as a 3 x 3 grid of 16-pixel patches: each position is the centre of a cell and every shape
+# fits inside its cell, so one patch token sees one whole shape (shapes cut across patches were hard to read).
+POSITIONS = {"on the left": (1 / 6, 0.5), "on the right": (5 / 6, 0.5), "at the top": (0.5, 1 / 6),
+             "at the bottom": (0.5, 5 / 6)}
 WHERE = {"on the left": "left", "on the right": "right", "at the top": "top", "at the bottom": "bottom"}
 CAPTION_PROMPTS = ("Describe the image briefly.", "What is in the picture?", "Give a short caption.",
                    "Summarize the image.")
 NUMBERS = ("zero", "one", "two", "three")
 SHORT = "\nAnswer the question using a single word or phrase."
 CHOICE = "\nAnswer with the option's letter from the given choices directly."
-SIZE = 64
+SIZE = 48
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ def draw_scene(objects):
 
 def random_scene(rng):
     return [{"shape": rng.choice(SHAPES), "color": rng.choice(list(COLORS)), "position": p,
-             "size": rng.choice((0.13, 0.17))} for p in rng.sample(list(POSITIONS), rng.randint(1, 3))]
+             "size": rng.choice((0.10, 0.145))} for p in rng.sample(list(POSITIONS), rng.randint(1, 3))]
 
 
 def describe(objects):
