@@ -313,15 +313,15 @@ def main(argv=None):
     import pretrain
     import train
 
-    quick = dict(images=400, clip_steps=120, llm_steps=150) if args.quick else {}
+    quick = dict(images=300, clip_steps=80, llm_steps=100) if args.quick else {}
     world = os.path.join(args.out, "world")
     start = time.time()
     build_world(world, quick.get("images", args.images), args.test_images, quick.get("clip_steps", 300),
                 quick.get("llm_steps", 400), args.seed)
     if args.world_only:
         return
-    overrides = ["--epochs", "1"] if args.quick else []
     for stage, module, defaults in (("pretrain", pretrain, pretrain.STAGE_1), ("finetune", finetune, finetune.STAGE_2)):
+        overrides = ["--epochs", "2" if stage == "pretrain" else "8"] if args.quick else []
         paths = ["--vision-tower", f"{world}/vision", "--llm", f"{world}/llm", "--image-folder", f"{world}/images",
                  "--data-path", f"{world}/{'captions' if stage == 'pretrain' else 'conversations'}.json",
                  "--output-dir", f"{args.out}/{stage}"]
