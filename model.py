@@ -290,15 +290,21 @@ def from_original_llava(cls, path, saved, model_base):
 
 
 def from_llava_hf(cls, path):
-    """transformers' LlavaForConditionalGeneration (llava-hf), read by transformers itself (every on-disk layout),
-    its modules then reused as ours. Its 2-layer GELU projector is our mlp2x_gelu."""
-    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+    """transformers' LlavaForConditionalGeneration (llava-hf), read by transformers itself (every on-disk layout)."""
+    from transformers import LlavaForConditionalGeneration
 
-    hf = LlavaForConditionalGeneration.from_pretrained(path)
+    return from_transformers_llava(cls, LlavaForConditionalGeneration.from_pretrained(path), path)
+
+
+def from_transformers_llava(cls, hf, source=""):
+    """Our model over the modules of a LlavaForConditionalGeneration (the weights are shared, not copied).
+    Its 2-layer GELU projector is our mlp2x_gelu."""
+    from transformers import AutoModelForCausalLM
+
     c = hf.config
     if not isinstance(c.vision_feature_layer, int) or c.projector_hidden_act != "gelu":
-        raise ValueError(f"{path}: only a single vision_feature_layer and a GELU projector map onto LLaVA-1.5")
-    config = LlavaConfig(vision_tower=path, llm=path, projector_type="mlp2x_gelu",
+        raise ValueError(f"{source}: only a single vision_feature_layer and a GELU projector map onto LLaVA-1.5")
+    config = LlavaConfig(vision_tower=source, llm=source, projector_type="mlp2x_gelu",
                          vision_feature_layer=c.vision_feature_layer, template="vicuna_v1",
                          vision_feature_select={"default": "patch", "full": "cls_patch"}[c.vision_feature_select_strategy])
     with params_on_meta():
@@ -306,7 +312,7 @@ def from_llava_hf(cls, path):
     setattr(llm, llm.base_model_prefix, hf.model.language_model)
     llm.lm_head = hf.lm_head
     model = cls(config, hf.model.vision_tower, llm)
-    model.multi_modal_projector.load_state_dict(hf.model.multi_modal_projector.state_dict())
+    model.multi_modal_projector = hf.model.multi_modal_projector
     return model
 
 

@@ -13,7 +13,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,10 +27,9 @@ TINY_CLIP = dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size
 
 def build(size, dtype, device):
     """transformers' Llava with random weights, and ours sharing its modules (one copy of the weights)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig as HFConfig, \
-        LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from model import LlavaConfig, LlavaModel, params_on_meta
+    from model import LlavaModel, from_transformers_llava
     from tools.memory import CLIP_L_336, LLMS
 
     llm = LLMS[size] if size in LLMS else TINY_LLM
@@ -40,16 +38,9 @@ def build(size, dtype, device):
     vision = CLIPVisionConfig(**(dict(CLIP_L_336) if size in LLMS else TINY_CLIP))
     torch.manual_seed(0)
     with torch.device(device):
-        hf = LlavaForConditionalGeneration(HFConfig(vision_config=vision, text_config=text, image_token_index=31999))
+        hf = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=31999))
     hf = hf.to(dtype).eval()
-    with tempfile.TemporaryDirectory() as root:
-        vision.save_pretrained(os.path.join(root, "vision"))
-        with params_on_meta():
-            causal_lm = LlamaForCausalLM(text)
-    causal_lm.model, causal_lm.lm_head = hf.model.language_model, hf.lm_head
-    ours = LlavaModel(LlavaConfig(), hf.model.vision_tower, causal_lm)
-    ours.multi_modal_projector = hf.model.multi_modal_projector
-    return hf, ours.eval()
+    return hf, from_transformers_llava(LlavaModel, hf).eval()
 
 
 def timed(fn, device):

@@ -58,7 +58,6 @@ def export_llava_hf(model, tokenizer, image_processor, out):
                          else "default")
     with params_on_meta():
         hf = LlavaForConditionalGeneration(config)
-    ours = model.state_dict()
     state = {f"model.vision_tower.{k}": v for k, v in model.vision_tower.state_dict().items()}
     state.update({f"model.multi_modal_projector.{k}": v for k, v in model.multi_modal_projector.state_dict().items()})
     prefix = model.language_model.base_model_prefix + "."
@@ -70,7 +69,6 @@ def export_llava_hf(model, tokenizer, image_processor, out):
             state[name]
     missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
     assert not unexpected and not [n for n, p in hf.named_parameters() if p.is_meta], (missing, unexpected)
-    del ours
     hf.save_pretrained(out)
     side = vision.image_size
     pil = LlavaImageProcessorPil(do_pad=model.config.image_aspect_ratio == "pad", size={"shortest_edge": side},
