@@ -371,6 +371,9 @@ def train(cfg):
         raise ValueError(f"global batch {cfg.global_batch_size} is not a multiple of micro batch "
                          f"{cfg.micro_batch_size} x {world} ranks; change --micro-batch-size")
     grad_accum = cfg.global_batch_size // per_step
+    if not cfg.resume and checkpoints(cfg.output_dir):
+        raise ValueError(f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
+                         "or choose another --output-dir (or delete them) to start afresh")
     torch.manual_seed(cfg.seed)
 
     model = build_model(cfg, device)
