@@ -24,9 +24,9 @@ PRESETS = {
     # The toy world of tools/toy_world.py: tiny backbones and coloured shapes, minutes on a laptop CPU.
     "toy": dict(vision_tower="runs/toy/world/vision", llm="runs/toy/world/llm",
                 data_path="runs/toy/world/conversations.json", image_folder="runs/toy/world/images",
-                init_from="runs/toy/pretrain", output_dir="runs/toy/finetune", global_batch_size=32,
-                micro_batch_size=16, lr=3e-3, precision="fp32", activation_checkpointing=False, num_workers=0,
-                max_length=256, save_every=1000, epochs=8),
+                init_from="runs/toy/pretrain", output_dir="runs/toy/finetune", global_batch_size=16,
+                micro_batch_size=16, lr=1.5e-3, precision="fp32", activation_checkpointing=False, num_workers=0,
+                max_length=256, save_every=1000, epochs=4),
 }
 
 if __name__ == "__main__":

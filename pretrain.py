@@ -25,7 +25,7 @@ PRESETS = {
     "toy": dict(vision_tower="runs/toy/world/vision", llm="runs/toy/world/llm", data_path="runs/toy/world/captions.json",
                 image_folder="runs/toy/world/images", output_dir="runs/toy/pretrain", global_batch_size=32,
                 micro_batch_size=16, lr=3e-3, precision="fp32", activation_checkpointing=False, num_workers=0,
-                max_length=256, save_every=1000, epochs=4),
+                max_length=256, save_every=1000, epochs=1),
 }
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -166,7 +167,7 @@ def train_tokenizer(texts):
     from tools.tiny import llama_tokenizer
 
     words = set(" ".join(texts).replace("\n", " ").split())
-    return llama_tokenizer(vocab_size=300 + len(words), corpus=texts)
+    return llama_tokenizer(vocab_size=300 + 4 * len(words), corpus=texts)
 
 
 def pretrain_clip(root, captions, tokenizer, steps, batch=64, lr=2e-3, seed=0):
@@ -186,6 +187,9 @@ def pretrain_clip(root, captions, tokenizer, steps, batch=64, lr=2e-3, seed=0):
                          num_attention_heads=4, max_position_embeddings=64, eos_token_id=pad, pad_token_id=pad),
         projection_dim=64)
     model = CLIPModel(config)
+    # Where a patch is must be readable from its features, as it is in a real ViT's; at the default init (std 0.02)
+    # the position embeddings are too faint next to the colours for 300 steps to make them so.
+    torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=1.0)
     pixels = torch.stack([processor(images=load_image(os.path.join(root, "images", c["image"]), c["image"]),
                                     return_tensors="pt")["pixel_values"][0] for c in captions])
     texts = [c["conversations"][1]["value"] for c in captions]
@@ -237,7 +241,7 @@ def pretrain_llm(root, texts, tokenizer, steps, batch=32, lr=3e-3, seed=0):
     return loss.item()
 
 
-def build_world(root, n_images=2000, n_test=100, clip_steps=300, llm_steps=400, seed=0):
+def build_world(root, n_images=5000, n_test=100, clip_steps=300, llm_steps=400, seed=0):
     """Data and pretrained backbones in `root`; returns {"root", "vision", "llm"} and prints what it did."""
     from data import render
 
@@ -300,7 +304,7 @@ CHANCE = {"color": 100 / 6, "shape": 100 / 3, "count": 100 / 3, "position": 25.0
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/toy")
-    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--images", type=int, default=5000)
     p.add_argument("--test-images", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-only", action="store_true")
@@ -313,7 +317,7 @@ def main(argv=None):
     import pretrain
     import train
 
-    quick = dict(images=300, clip_steps=80, llm_steps=100) if args.quick else {}
+    quick = dict(images=1000, clip_steps=150, llm_steps=100) if args.quick else {}
     world = os.path.join(args.out, "world")
     start = time.time()
     build_world(world, quick.get("images", args.images), args.test_images, quick.get("clip_steps", 300),
@@ -321,12 +325,13 @@ def main(argv=None):
     if args.world_only:
         return
     for stage, module, defaults in (("pretrain", pretrain, pretrain.STAGE_1), ("finetune", finetune, finetune.STAGE_2)):
-        overrides = ["--epochs", "2" if stage == "pretrain" else "8"] if args.quick else []
+        overrides = ["--epochs", "1" if stage == "pretrain" else "6"] if args.quick else []
         paths = ["--vision-tower", f"{world}/vision", "--llm", f"{world}/llm", "--image-folder", f"{world}/images",
                  "--data-path", f"{world}/{'captions' if stage == 'pretrain' else 'conversations'}.json",
                  "--output-dir", f"{args.out}/{stage}"]
         if stage == "finetune":
             paths += ["--init-from", f"{args.out}/pretrain"]
+        shutil.rmtree(f"{args.out}/{stage}", ignore_errors=True)  # a rerun starts afresh (train.py won't overwrite)
         train.main(["--preset", "toy", *paths, *overrides], defaults, module.PRESETS, module.__doc__)
         print(f"{stage}: done ({time.time() - start:.0f} s)", flush=True)
 
