@@ -170,6 +170,20 @@ def train_tokenizer(texts):
     return llama_tokenizer(vocab_size=300 + 4 * len(words), corpus=texts)
 
 
+def fit(model, steps, lr, lr_scale, batch_loss):
+    """A plain AdamW loop for the backbones' pretraining: lr * lr_scale(step), batch_loss(step) the step's loss;
+    returns the last loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_scale(step)
+        loss = batch_loss(step)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss.item()
+
+
 def pretrain_clip(root, captions, tokenizer, steps, batch=64, lr=2e-3, seed=0):
     """A tiny CLIP trained contrastively on picture-caption pairs; its vision tower is what LLaVA will see with."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
@@ -197,20 +211,17 @@ def pretrain_clip(root, captions, tokenizer, steps, batch=64, lr=2e-3, seed=0):
     width = max(map(len, ids))
     input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+
+    def batch_loss(step):
         idx = torch.randperm(len(texts), generator=g)[:batch]
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20)
-        loss = model(input_ids=input_ids[idx], attention_mask=mask[idx], pixel_values=pixels[idx],
+        return model(input_ids=input_ids[idx], attention_mask=mask[idx], pixel_values=pixels[idx],
                      return_loss=True).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+
+    loss = fit(model, steps, lr, lambda step: min(1.0, (step + 1) / 20), batch_loss)
     model.save_pretrained(os.path.join(root, "vision"))
     processor.save_pretrained(os.path.join(root, "vision"))
-    return loss.item()
+    return loss
 
 
 def pretrain_llm(root, texts, tokenizer, steps, batch=32, lr=3e-3, seed=0):
@@ -223,22 +234,19 @@ def pretrain_llm(root, texts, tokenizer, steps, batch=32, lr=3e-3, seed=0):
                                          max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False))
     ids = [tokenizer(t).input_ids[:192] + [tokenizer.eos_token_id] for t in texts]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+
+    def batch_loss(step):
         chosen = [ids[i] for i in torch.randperm(len(ids), generator=g)[:batch].tolist()]
         width = max(map(len, chosen))
         x = torch.tensor([c + [0] * (width - len(c)) for c in chosen])
         labels = torch.tensor([c + [-100] * (width - len(c)) for c in chosen])
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
-        loss = model(input_ids=x, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        return model(input_ids=x, labels=labels).loss
+
+    loss = fit(model, steps, lr, lambda step: min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps)), batch_loss)
     model.save_pretrained(os.path.join(root, "llm"))
     tokenizer.save_pretrained(os.path.join(root, "llm"))
-    return loss.item()
+    return loss
 
 
 def build_world(root, n_images=5000, n_test=100, clip_steps=300, llm_steps=400, seed=0):
