@@ -24,4 +24,3 @@ def test_toy_world_runs_end_to_end_and_learns_to_count(tmp_path, capsys):
     assert "held-out accuracy" in out and "$ python generate.py" in out
     finished, blind = rows["finished model"]["count"], rows["blind (blank picture)"]["count"]
     assert finished >= 80 and finished >= blind + 30, rows
-

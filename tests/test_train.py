@@ -101,7 +101,6 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path, monkeypatch):
     assert losses(tmp_path / "straight")[4:] == losses(tmp_path / "resumed")[4:]
 
 
-
 def test_fresh_run_refuses_to_start_over_old_checkpoints(world, tmp_path):
     run(world, tmp_path / "out", max_steps=2)
     before = {p: os.path.getmtime(p) for p in train.checkpoints(tmp_path / "out")}
@@ -109,6 +108,7 @@ def test_fresh_run_refuses_to_start_over_old_checkpoints(world, tmp_path):
     with pytest.raises(ValueError, match="--resume"):
         run(world, tmp_path / "out", max_steps=2)
     assert {p: os.path.getmtime(p) for p in train.checkpoints(tmp_path / "out")} == before
+
 
 def backbone_weights(world):
     from transformers import CLIPVisionModel, LlamaForCausalLM
