@@ -26,6 +26,8 @@ import itertools
 import json
 import logging
 import os
+import re
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -247,10 +249,17 @@ def truncate(ids, labels, max_length, where):
 
 def load_image_processor(path):
     """The vision tower's image processor, with the PIL backend: the numerics LLaVA-1.5 was trained with (the
-    default torchvision backend, picked when torchvision is installed, resizes slightly differently)."""
+    torchvision backend resizes slightly differently). The class is picked from preprocessor_config.json here rather
+    than by AutoImageProcessor, which in some transformers 5 releases refuses to load at all without torchvision.
+    Older configs (openai/clip-vit-large-patch14-336's) name a "CLIPFeatureExtractor"; that is the same processor."""
+    import transformers
     from transformers import AutoImageProcessor
+    from transformers.image_processing_base import ImageProcessingMixin
 
-    return AutoImageProcessor.from_pretrained(path, backend="pil")
+    saved, _ = ImageProcessingMixin.get_image_processor_dict(path)
+    name = saved.get("image_processor_type") or saved.get("feature_extractor_type", "")
+    pil = getattr(transformers, name.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast") + "Pil", None)
+    return pil.from_pretrained(path) if pil else AutoImageProcessor.from_pretrained(path, backend="pil")
 
 
 def load_tokenizer_and_processor(checkpoint, config):
@@ -303,30 +312,59 @@ def load_image(path, where):
 
 
 def read_samples(path):
-    """LLaVA's data file: a JSON list of samples, or one JSON object per line (.jsonl). Errors name the position."""
+    """LLaVA's data file: a JSON list of samples, or one JSON object per line (.jsonl). Returns the samples and, for
+    each, where it is in the file ("data.json, sample #3 (id 'abc')"), for error messages."""
+    samples, places = [], []
+    for position, _, sample in iter_data_file(path):
+        samples.append(sample)
+        places.append(where(path, position, sample))
+    return samples, places
+
+
+def iter_data_file(path):
+    """(position, JSON text, parsed sample) for each sample of a data file, one at a time: a position is (True, index)
+    in a JSON list, (False, line number) in JSON lines. Malformed JSON is an error naming the line and column."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            samples = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}")
-        where = [f"{path}, sample #{i}" for i in range(len(samples))]
-    else:
-        samples, where = [], []
+    if not text.lstrip().startswith("["):
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    samples.append(json.loads(line))
+                    sample = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: malformed JSON on line {n}: {e.msg}")
-                where.append(f"{path}, line {n}")
-    for i, s in enumerate(samples):
-        if not isinstance(s, dict):
-            raise DataError(f"{where[i]}: expected a JSON object with 'conversations', got {type(s).__name__}")
-        if "id" in s:
-            where[i] = f"{where[i]} (id {s['id']!r})"
-    return samples, where
+                    raise DataError(f"{path}: malformed JSON on line {n}: {e.msg}") from None
+                yield (False, n), line, checked(sample, path, (False, n))
+        return
+    decoder, blank = json.JSONDecoder(), re.compile(r"\s*")
+    i, n = blank.match(text, text.index("[") + 1).end(), 0
+    try:
+        while text[i:i + 1] != "]":
+            sample, end = decoder.raw_decode(text, i)
+            yield (True, n), text[i:end], checked(sample, path, (True, n))
+            i, n = blank.match(text, end).end(), n + 1
+            if text[i:i + 1] == ",":
+                i = blank.match(text, i + 1).end()
+                if text[i:i + 1] == "]":
+                    raise json.JSONDecodeError("a trailing comma", text, i)
+            elif text[i:i + 1] != "]":
+                raise json.JSONDecodeError("expected ',' or ']' after a sample", text, i)
+        if text[i + 1:].strip():
+            raise json.JSONDecodeError("extra data after the list", text, i + 1)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def checked(sample, path, position):
+    if not isinstance(sample, dict):
+        raise DataError(f"{where(path, position)}: expected a JSON object with 'conversations', got "
+                        f"{type(sample).__name__}")
+    return sample
+
+
+def where(path, position, sample=None):
+    in_list, n = position
+    text = f"{path}, sample #{n}" if in_list else f"{path}, line {n}"
+    return f"{text} (id {sample['id']!r})" if sample is not None and "id" in sample else text
 
 
 def image_paths(sample):
@@ -337,47 +375,70 @@ def image_paths(sample):
 class LazySupervisedDataset(torch.utils.data.Dataset):
     """LLaVA's data file as training samples. Conversations are checked up front; images are opened in __getitem__.
 
+    Samples are kept as their JSON text, all in one bytes buffer, and parsed again when read: 665K parsed samples
+    would take gigabytes of Python objects in every rank and every loader worker (reference counting makes each
+    forked worker copy the pages it reads), the buffer a few hundred MB that forked workers share.
+
     With skip_bad=True a bad sample is counted and replaced by the next good one (deterministically), and every
     item says how many bad samples were passed over to reach it; otherwise the first bad sample raises DataError.
     """
 
     def __init__(self, data_path, image_folder, fmt, image_processor=None, aspect_ratio="pad", max_length=2048,
                  skip_bad=False):
-        self.fmt, self.image_processor, self.image_folder = fmt, image_processor, image_folder
+        self.data_path, self.fmt, self.image_processor, self.image_folder = data_path, fmt, image_processor, image_folder
         self.aspect_ratio, self.max_length, self.skip_bad = aspect_ratio, max_length, skip_bad
-        self.samples, self.where, self.messages, self.num_bad = [], [], [], 0
-        for sample, where in zip(*read_samples(data_path)):
+        blob, self.offsets, self.positions, self.lengths, self.num_bad = bytearray(), array("q", [0]), array("q"), \
+            array("q"), 0
+        self.in_list, first_error = True, None
+        for position, text, sample in iter_data_file(data_path):  # malformed JSON anywhere raises first
+            self.in_list = position[0]
             try:
-                if image_paths(sample) and image_processor is None:
-                    raise DataError(f"{where}: has an image but the dataset was built without an image processor")
-                self.messages.append(parse_conversation(sample.get("conversations"), len(image_paths(sample)), where))
+                self.check(sample, where(data_path, position, sample))
             except DataError as e:
                 if not skip_bad:
-                    raise
+                    first_error = first_error or e
+                    continue
                 log.warning("skipping bad sample: %s", e)
                 self.num_bad += 1
                 continue
-            self.samples.append(sample)
-            self.where.append(where)
-        if not self.samples:
+            blob += text.encode()
+            self.offsets.append(len(blob))
+            self.positions.append(position[1])
+            words = sum(len(t["value"].split()) for t in sample["conversations"])
+            self.lengths.append(words if image_paths(sample) else -words)
+        if first_error:
+            raise first_error
+        self.blob = bytes(blob)
+        if not len(self):
             raise DataError(f"{data_path}: no usable samples")
 
+    def check(self, sample, where):
+        if image_paths(sample) and self.image_processor is None:
+            raise DataError(f"{where}: has an image but the dataset was built without an image processor")
+        return parse_conversation(sample.get("conversations"), len(image_paths(sample)), where)
+
     def __len__(self):
-        return len(self.samples)
+        return len(self.offsets) - 1
+
+    def sample(self, i):
+        return json.loads(self.blob[self.offsets[i]:self.offsets[i + 1]])
+
+    def where(self, i, sample=None):
+        return where(self.data_path, (self.in_list, self.positions[i]), sample)
 
     @property
     def modality_lengths(self):
         """LLaVA's grouping key: words over all turns, positive for samples with images, negative for text-only."""
-        return [sum(len(t["value"].split()) for t in s["conversations"]) * (1 if image_paths(s) else -1)
-                for s in self.samples]
+        return self.lengths.tolist()
 
     def load(self, i):
-        where = self.where[i]
-        ids, labels = self.fmt.encode(self.messages[i], where)
-        ids, labels = truncate(ids, labels, self.max_length, where)
-        paths = [os.path.join(self.image_folder or "", p) for p in image_paths(self.samples[i])]
-        images = [process_image(load_image(p, where), self.image_processor, self.aspect_ratio) for p in paths]
-        return {"id": self.samples[i].get("id"), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+        sample = self.sample(i)
+        here = self.where(i, sample)
+        ids, labels = self.fmt.encode(self.check(sample, here), here)
+        ids, labels = truncate(ids, labels, self.max_length, here)
+        paths = [os.path.join(self.image_folder or "", p) for p in image_paths(sample)]
+        images = [process_image(load_image(p, here), self.image_processor, self.aspect_ratio) for p in paths]
+        return {"id": sample.get("id"), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "pixel_values": torch.stack(images) if images else None}
 
     def __getitem__(self, i):

@@ -121,9 +121,21 @@ class LlavaModel(nn.Module):
             raise ValueError(f"input_ids hold {int(is_image.sum())} image placeholders but {n_images} image(s) x "
                              f"{self.num_image_tokens} tokens were given; build inputs with data.ChatFormat")
         if n_images == 0:
-            return embeds
+            return self.keep_projector_in_graph(embeds)
         features = self.image_features(pixel_values).to(embeds.dtype)
         return embeds.masked_scatter(is_image.unsqueeze(-1), features)
+
+    def keep_projector_in_graph(self, embeds):
+        """A text-only batch in training still runs the projector, on zero rows, so that its parameters get a (zero)
+        gradient. FSDP reduce-scatters only the parameters that have one: a rank whose micro-batch has no image would
+        otherwise send less than the others and desynchronise every rank (a gloo error, an NCCL hang). LLaVA splices
+        an empty slice of a dummy image's features into text-only samples for the same reason."""
+        projector = self.multi_modal_projector
+        weight = next(projector.parameters())
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return embeds
+        nothing = projector(weight.new_zeros(0, self.vision_tower.config.hidden_size))
+        return torch.cat([embeds.flatten(0, 1), nothing.to(embeds.dtype)]).view_as(embeds)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
         """Logits (B, T, V) without labels; with labels, (summed cross-entropy, number of supervised tokens).
@@ -145,24 +157,28 @@ class LlavaModel(nn.Module):
     # --- building, saving, loading ---
 
     @classmethod
-    def from_config(cls, config, dtype=None, empty=False):
+    def from_config(cls, config, dtype=torch.float32, empty=False):
         """The backbones with their pretrained weights (from config.vision_tower and config.llm), a fresh projector.
 
-        empty=True builds the same model with every parameter on the meta device, reading only the backbones'
-        configs: sharded training builds it so on each rank and lets rank 0 load and broadcast the weights.
+        dtype is every parameter's, float32 by default whatever dtype a backbone was saved in (Vicuna's config says
+        float16): training keeps fp32 master weights. dtype="auto" keeps each backbone's saved dtype (a sharded run's
+        rank 0 loads so, in half the memory; copying into the fp32 shards is exact). empty=True builds the model with
+        every parameter on the meta device, reading only the backbones' configs: sharded training builds it so on
+        each rank and lets rank 0 load and broadcast the weights.
         """
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         with quiet_transformers():  # a full CLIP checkpoint reports its unused text tower; that is expected
             if empty:
                 vision_config = AutoConfig.from_pretrained(config.vision_tower)
+                vision_config = getattr(vision_config, "vision_config", vision_config)
                 with params_on_meta():
-                    return cls(config, AutoModel.from_config(getattr(vision_config, "vision_config", vision_config)),
-                               AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.llm)))
-            tower = load_vision_tower(config.vision_tower)
+                    return cls(config, AutoModel.from_config(vision_config, dtype=dtype),
+                               AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.llm), dtype=dtype))
+            tower = load_vision_tower(config.vision_tower, dtype)
         llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype)
         model = cls(config, tower, llm)
-        return model.to(dtype) if dtype is not None else model
+        return model if dtype == "auto" else model.to(dtype)
 
     def save_pretrained(self, path, modules=("vision_tower", "multi_modal_projector", "language_model"),
                         state_dict=None, max_shard_bytes=5 * 2**30):
@@ -258,7 +274,9 @@ def from_our_layout(cls, path, saved):
 def from_original_llava(cls, path, saved, model_base):
     """The original LLaVA layout (reference/llava.md 7): missing mm_* keys take the original's defaults; the tower is
     reloaded from mm_vision_tower (the checkpoint's own copy is ignored, as LLaVA ignores it); the LLM is the
-    checkpoint's `model.*` + `lm_head` weights, or `model_base` for a stage-1 directory (mm_projector.bin)."""
+    checkpoint's `model.*` + `lm_head` weights, or `model_base` for a stage-1 directory (mm_projector.bin).
+    The released configs say model_type "llava" (transformers' own Llava type since 4.36): the mm_* keys, not the
+    model type, identify the layout."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     aspect = saved.get("image_aspect_ratio", "square")
@@ -284,8 +302,8 @@ def from_original_llava(cls, path, saved, model_base):
         if "mm_projector." in name:
             index, _, param = name.split("mm_projector.", 1)[1].rpartition(".")
             state[f"multi_modal_projector.linear_{int(index) // 2 + 1 if index else 1}.{param}"] = tensor
-        elif not name.startswith("model.vision_tower."):
-            state[f"language_model.{name}"] = tensor
+        elif not name.startswith("model.vision_tower.") and not name.endswith("rotary_emb.inv_freq"):
+            state[f"language_model.{name}"] = tensor  # (inv_freq: saved by older transformers, now computed)
     return assign_weights(cls(config, tower, llm), state, path)
 
 
@@ -316,12 +334,13 @@ def from_transformers_llava(cls, hf, source=""):
     return model
 
 
-def load_vision_tower(path):
-    """Any transformers vision model; from a full CLIP/SigLIP checkpoint, its vision half."""
+def load_vision_tower(path, dtype="auto"):
+    """Any transformers vision model; from a full CLIP/SigLIP checkpoint (openai/clip-vit-large-patch14-336 is one),
+    its vision half."""
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(path)
-    return AutoModel.from_pretrained(path, config=getattr(config, "vision_config", config))
+    return AutoModel.from_pretrained(path, config=getattr(config, "vision_config", config), dtype=dtype)
 
 
 def assign_weights(model, state, path):
@@ -338,12 +357,17 @@ def assign_weights(model, state, path):
 
 
 def projector_weights(path):
-    """Projector weights (our names) from a checkpoint of ours (a directory) or LLaVA's stage-1 mm_projector.bin.
+    """Projector weights (our names) from a checkpoint of ours, or LLaVA's stage-1 mm_projector.bin (the file, or a
+    directory or hub repo holding it, as liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 does).
 
     LLaVA's keys are model.mm_projector.{0,2,...}.* for mlpNx_gelu (odd indices are the GELUs) and
     model.mm_projector.{weight,bias} for linear (reference/llava.md 1.3, 7.1). The .bin is read with
     weights_only=True: a pickle that carries anything but tensors is refused.
     """
+    if not os.path.exists(path):
+        path = resolve(path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "mm_projector.bin")):
+        path = os.path.join(path, "mm_projector.bin")
     if os.path.isdir(path):
         prefix = "multi_modal_projector."
         return {k[len(prefix):]: v for k, v in read_weights(path).items() if k.startswith(prefix)}
@@ -417,13 +441,26 @@ def quiet_transformers():
         logging.set_verbosity(level)
 
 
+# What a LLaVA checkpoint needs from a hub repo: configs, the tokenizer (tokenizer.json, or SentencePiece's
+# tokenizer.model as Vicuna and liuhaotian/llava-v1.5-* ship it), stage 1's mm_projector.bin, and the weights in one
+# format. Never training_args.bin or optimizer states (pickles), nor a second copy of the weights.
+HUB_FILES = ["*.json", "*.jinja", "*.model", "*.txt", "mm_projector.bin"]
+HUB_WEIGHTS = ["*.safetensors", "pytorch_model*.bin"]  # in order of preference
+
+
 def resolve(path):
-    """A local directory as is; anything else is a hub id, fetched (or found in the cache) by huggingface_hub."""
+    """A local directory as is; anything else is a hub repo id, fetched into (or found in) huggingface_hub's cache."""
     if os.path.isdir(path):
         return path
-    from huggingface_hub import snapshot_download
+    from fnmatch import filter as matching
 
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+    from huggingface_hub import constants, list_repo_files, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:  # the cached snapshot, with the weights an earlier download put in it
+        return snapshot_download(path, allow_patterns=HUB_FILES)
+    files = list_repo_files(path)
+    weights = [w for w in HUB_WEIGHTS if matching(files, w)][:1]
+    return snapshot_download(path, allow_patterns=HUB_FILES + weights)
 
 
 WEIGHT_FILES = (("model.safetensors.index.json", "model.safetensors"),

@@ -13,10 +13,11 @@ A step, in order:
 3. Gradient norm (clipped if asked), a non-finite check, AdamW with the cosine learning rate, and now and then a
    checkpoint.
 
-Distributed: FSDP2 `fully_shard` on each decoder layer, the vision tower as one unit, then the root;
-MixedPrecisionPolicy(bf16 params, fp32 reduce) over fp32 master weights, or fp32 throughout; non-reentrant activation
-checkpointing per decoder layer; SDPA attention. The same path runs on one CPU process (gloo), on GPUs (NCCL) and
-multi-node, all launched by torchrun.
+Distributed: FSDP2 `fully_shard` on each decoder layer, then the root; MixedPrecisionPolicy(bf16 params, fp32 reduce)
+over fp32 master weights (whatever dtype the backbones were saved in), or fp32 throughout; the frozen vision tower
+outside FSDP, replicated in the compute dtype; non-reentrant activation checkpointing per decoder layer; SDPA
+attention. The same path runs on one CPU process (gloo), on GPUs (NCCL) and multi-node, all launched by torchrun;
+output_dir must then be on a filesystem every node shares (checked at start-up).
 """
 
 import argparse
@@ -25,9 +26,12 @@ import math
 import os
 import re
 import resource
+import secrets
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from functools import partial
 
 import torch
@@ -37,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from data import IGNORE_INDEX, ChatFormat, LazySupervisedDataset, ModalityLengthGroupedSampler, collate, \
     load_image_processor
@@ -57,7 +62,8 @@ class TrainConfig:
     projector_type: str = arg("mlp2x_gelu", "linear or mlpNx_gelu")
     vision_feature_layer: int = arg(-2, "hidden state of the tower the features come from")
     vision_feature_select: str = arg("patch", "patch (drop CLS) or cls_patch")
-    init_from: str = arg("", "projector weights to start from: a stage-1 output dir or LLaVA's mm_projector.bin")
+    init_from: str = arg("", "projector weights to start from: a stage-1 output dir, or LLaVA's mm_projector.bin "
+                             "(the file, its directory or its hub repo)")
     train_llm: bool = arg(False, "train the LLM with the projector (stage 2); else the projector alone (stage 1)")
     # the data
     data_path: str = arg("", "LLaVA data file (.json list or .jsonl)")
@@ -83,6 +89,8 @@ class TrainConfig:
     # precision and memory
     precision: str = arg("bf16", "bf16 (bf16 compute, fp32 master weights and reductions) or fp32")
     activation_checkpointing: bool = arg(True, "recompute each decoder layer in backward")
+    dist_timeout: int = arg(30, "minutes a rank may wait in a collective (rank 0 alone loads the weights and "
+                                "writes each checkpoint meanwhile) before the job is ended")
     # the run
     output_dir: str = arg("runs/run", "where checkpoints, metrics and the final model go")
     save_every: int = arg(1000, "checkpoint every N steps (and at the end)")
@@ -118,65 +126,80 @@ def parse_config(argv, stage_defaults, presets, description):
 # Distributed setup and the model
 
 
-def init_distributed():
-    """The process group torchrun describes in the environment, or a group of one without torchrun."""
+def init_distributed(timeout_minutes=30):
+    """The process group torchrun describes in the environment, or a group of one without torchrun.
+
+    The timeout covers the longest wait of any rank: the others wait in the first broadcast while rank 0 reads the
+    backbones (13B: 26 GB of fp16), and at the end of each checkpoint while rank 0 writes it. NCCL's default (10
+    minutes) can end a healthy job.
+    """
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        timeout = timedelta(minutes=timeout_minutes)
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return device
 
 
 def build_model(cfg, device):
     """Every rank builds the model with empty parameters and shards it; rank 0 loads the weights and broadcasts them.
 
-    So only rank 0 ever holds a full copy (in CPU memory), and only once.
+    So only rank 0 ever holds a full copy (in CPU memory, in the backbones' saved dtype), and only once. The empty
+    model is fp32 whatever the backbones' configs say: those are the master weights the optimizer updates.
     """
-    model = LlavaModel.from_config(cfg.model_config(), empty=True)
+    model = LlavaModel.from_config(cfg.model_config(), dtype=torch.float32, empty=True)
     prepare(model, cfg)
     shard(model, cfg.precision)
     materialize(model, device)
     full = {}
     if dist.get_rank() == 0:
-        source = LlavaModel.from_config(cfg.model_config(), dtype=torch.float32)
+        source = LlavaModel.from_config(cfg.model_config(), dtype="auto")
         full = source.state_dict()
         if cfg.init_from:
             full.update({f"multi_modal_projector.{k}": v for k, v in projector_weights(cfg.init_from).items()})
+    # Each tensor is copied into the rank's shard (or replica) in that parameter's dtype: fp16 -> fp32 is exact.
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     model.train()
     return model
 
 
 def prepare(model, cfg):
-    """What trains (the projector; the LLM too in stage 2; never the tower) and activation checkpointing."""
+    """What trains (the projector; the LLM too in stage 2; never the tower) and activation checkpointing.
+
+    Checkpointing wraps each decoder layer's forward in torch's non-reentrant checkpoint itself, rather than through
+    transformers' switch, whose mechanics differ between the versions GPU nodes and laptops have.
+    """
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
     model.language_model.requires_grad_(cfg.train_llm)
     if cfg.activation_checkpointing:
-        llm = model.language_model
-        if hasattr(llm, "activation_checkpointing_enable"):
-            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in model.language_model.base_model.layers:
+            layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def compute_dtype(precision):
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def shard(model, precision):
-    """FSDP2: each decoder layer, the vision tower as one unit, then the root (embeddings, norm, head, projector)."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else \
-        MixedPrecisionPolicy()
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
+    """FSDP2: each decoder layer, then the root (embeddings, norm, head, projector). The frozen vision tower stays out
+    of FSDP, a full copy on every rank in the compute dtype (CLIP-L: 0.6 GB in bf16): it needs no all-gather and no
+    fp32 copy, and a rank whose micro-batch has no image simply skips it. Sharded, it would be a collective that
+    such a rank skips while the others run it, and every rank would hang."""
+    dtype = compute_dtype(precision)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    assert not any(p.requires_grad for p in model.vision_tower.parameters()), "a replicated tower must stay frozen"
     for layer in model.language_model.base_model.layers:
         fully_shard(layer, mp_policy=mp)
-    # The tower's children as one group (one all-gather for the whole tower). Not the tower itself: fully_shard
-    # swaps a module's class, and transformers 5 finds the hidden states to record by the model's class.
-    fully_shard(list(model.vision_tower.children()), mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, ignored_params=set(model.vision_tower.parameters()))
+    model.vision_tower.to(dtype)
 
 
 def materialize(model, device):
@@ -187,6 +210,35 @@ def materialize(model, device):
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
+
+
+def check_shared_output_dir(output_dir, device, wait_seconds=10.0):
+    """Every rank must see the same output_dir: each writes its shard of every checkpoint's training state there, and
+    rank 0 completes the checkpoint by renaming its directory. Across nodes that takes a filesystem they all share;
+    on node-local disks the other nodes' shards would be left out, silently, and resuming would fail."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.makedirs(output_dir, exist_ok=True)
+    probe = os.path.join(output_dir, ".shared-filesystem-check")
+    nonce = torch.tensor([secrets.randbits(62) if rank == 0 else 0], device=device)
+    if rank == 0:
+        with open(probe, "w") as f:
+            f.write(str(nonce.item()))
+    dist.broadcast(nonce, 0)
+    expected, seen = str(nonce.item()), torch.zeros(world, dtype=torch.int64, device=device)
+    deadline = time.monotonic() + wait_seconds  # a network filesystem may show another node's file after a moment
+    while not seen[rank] and time.monotonic() < deadline:
+        if os.path.exists(probe) and open(probe).read() == expected:
+            seen[rank] = 1
+        else:
+            time.sleep(0.2)
+    dist.all_reduce(seen)
+    if rank == 0:
+        os.remove(probe)
+    blind = [r for r, ok in enumerate(seen.tolist()) if not ok]
+    if blind:
+        raise RuntimeError(f"--output-dir {output_dir} is not shared by every rank: rank(s) {blind} cannot see what "
+                           f"rank 0 wrote there (this is rank {rank} on {socket.gethostname()}). Every rank writes "
+                           "its part of each checkpoint; on several nodes, put output_dir on a filesystem all mount")
 
 
 def make_optimizer(model, cfg):
@@ -363,8 +415,41 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def global_counts(micro, flops, device):
+    """Supervised tokens, tokens, skipped samples and FLOPs of the global batch: this rank's micro-batches, summed
+    over all ranks in one all-reduce."""
+    local = [sum((b["labels"][:, 1:] != IGNORE_INDEX).sum().item() for b in micro),
+             sum(b["attention_mask"].sum().item() for b in micro), sum(b["skipped"] for b in micro),
+             sum(flops(b["attention_mask"].sum(1), 0 if b["pixel_values"] is None else len(b["pixel_values"]))
+                 for b in micro)]
+    counts = torch.tensor(local, dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    return counts.tolist()
+
+
+def forward_backward(model, micro, n_supervised, trainable, grad_clip, device):
+    """Forward and backward over this rank's micro-batches of one step, then the gradient norm (clipped when
+    grad_clip > 0). Returns the loss of the whole global batch and the gradient norm, every rank the same.
+
+    Each micro-batch's summed cross-entropy is divided by the global batch's supervised-token count, times the world
+    size because FSDP averages gradients over ranks: the gradient is then the mean over every supervised token.
+    """
+    world = dist.get_world_size()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for b in micro:
+        pixel_values = b["pixel_values"].to(device, non_blocking=True) if b["pixel_values"] is not None else None
+        # right padding: causal attention alone keeps padding out of every real token's view (model.forward)
+        ce, _ = model(b["input_ids"].to(device), None, pixel_values, b["labels"].to(device))
+        (ce * world / n_supervised).backward()
+        loss_sum += ce.detach()
+    dist.all_reduce(loss_sum)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return loss_sum.item() / n_supervised, grad_norm.item()
+
+
 def train(cfg):
-    device = init_distributed()
+    device = init_distributed(cfg.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     per_step = cfg.micro_batch_size * world
     if cfg.global_batch_size % per_step:
@@ -374,13 +459,15 @@ def train(cfg):
     if not cfg.resume and checkpoints(cfg.output_dir):
         raise ValueError(f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
                          "or choose another --output-dir (or delete them) to start afresh")
+    if world > 1:
+        check_shared_output_dir(cfg.output_dir, device)
     torch.manual_seed(cfg.seed)
 
-    model = build_model(cfg, device)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)  # first: a tokenizer that cannot load fails in seconds
     image_processor = load_image_processor(cfg.vision_tower)
+    model = build_model(cfg, device)
     fmt = ChatFormat(tokenizer, cfg.template, model.num_image_tokens)
     dataset = LazySupervisedDataset(cfg.data_path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
                                     cfg.max_length, cfg.skip_bad_samples)
@@ -413,30 +500,13 @@ def train(cfg):
                 collate_fn=partial(collate, pad_id=fmt.pad_id), pin_memory=device.type == "cuda"))
         start = time.perf_counter()
         micro = [next(batches) for _ in range(grad_accum)]
-        counts = torch.tensor([sum((b["labels"][:, 1:] != IGNORE_INDEX).sum().item() for b in micro),
-                               sum(b["attention_mask"].sum().item() for b in micro),
-                               sum(b["skipped"] for b in micro)], dtype=torch.float64, device=device)
-        dist.all_reduce(counts)
-        n_supervised, n_tokens, n_skipped = counts.tolist()
+        n_supervised, n_tokens, n_skipped, work = global_counts(micro, flops, device)
         if n_supervised == 0:
             raise RuntimeError(f"step {step}: no supervised token in the whole global batch")
-
         lr = cosine_lr(step, total, warmup, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        work = 0.0
-        for b in micro:
-            pixel_values = b["pixel_values"].to(device, non_blocking=True) if b["pixel_values"] is not None else None
-            # right padding: causal attention alone keeps padding out of every real token's view (model.forward)
-            ce, _ = model(b["input_ids"].to(device), None, pixel_values, b["labels"].to(device))
-            (ce * world / n_supervised).backward()
-            loss_sum += ce.detach()
-            work += flops(b["attention_mask"].sum(1), 0 if pixel_values is None else pixel_values.shape[0])
-        dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / n_supervised
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        loss, grad_norm = forward_backward(model, micro, n_supervised, trainable, cfg.grad_clip, device)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise NonFiniteError(f"step {step}: loss {loss}, gradient norm {grad_norm}; stopping before the update. "
                                  f"The last good checkpoint in {cfg.output_dir} is untouched: resume from it with "
@@ -447,13 +517,10 @@ def train(cfg):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-
-        work_all = torch.tensor(work, dtype=torch.float64, device=device)
-        dist.all_reduce(work_all)
         record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "supervised_tokens": int(n_supervised), "tokens": int(n_tokens),
                   "tokens_per_s": n_tokens / seconds,
-                  "mfu": work_all.item() / (seconds * world * peak) if peak else None,
+                  "mfu": work / (seconds * world * peak) if peak else None,
                   "peak_memory_gb": peak_memory_gb(device), "skipped_samples": int(n_skipped)}
         if rank == 0:
             with open(metrics_path, "a") as f:

@@ -86,7 +86,7 @@ def main(argv=None):
             sample = dataset[i]
             ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
             images = sample["pixel_values"]
-            print(f"--- {dataset.where[i]}: {len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} supervised, "
+            print(f"--- {dataset.where(i)}: {len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} supervised, "
                   f"images {tuple(images.shape) if images is not None else 'none'}")
             print(show(tokenizer, ids, labels, color=not args.no_color and sys.stdout.isatty()))
 
