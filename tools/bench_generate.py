@@ -10,6 +10,7 @@ tokens/s (the tokens after the first), and on a GPU the fraction of the memory-b
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -26,16 +27,19 @@ TINY_CLIP = dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size
 
 
 def build(size, dtype, device):
-    """transformers' Llava with random weights, and ours sharing its modules (one copy of the weights)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """transformers' Llava with random weights, and ours sharing its modules (one copy of the weights). 7b / 13b:
+    the real backbones' configs (tools/real_configs/)."""
+    from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from model import LlavaModel, from_transformers_llava
     from tools.memory import CLIP_L_336, LLMS
 
-    llm = LLMS[size] if size in LLMS else TINY_LLM
-    text = LlamaConfig(vocab_size=32000, num_key_value_heads=llm["num_attention_heads"], max_position_embeddings=4096,
-                       tie_word_embeddings=False, **llm)
-    vision = CLIPVisionConfig(**(dict(CLIP_L_336) if size in LLMS else TINY_CLIP))
+    if size in LLMS:
+        text, vision = AutoConfig.from_pretrained(LLMS[size]), AutoConfig.from_pretrained(CLIP_L_336).vision_config
+    else:
+        text = LlamaConfig(vocab_size=32000, num_key_value_heads=4, max_position_embeddings=4096,
+                           tie_word_embeddings=False, **TINY_LLM)
+        vision = CLIPVisionConfig(**TINY_CLIP)
     torch.manual_seed(0)
     with torch.device(device):
         hf = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=31999))
@@ -64,6 +68,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time generate.py --compile (compiles first)")
+    p.add_argument("--json", help="write the numbers here too")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -112,6 +117,13 @@ def main(argv=None):
     for name in [n for n in results if n.startswith("ours")]:
         print(f"  {name} / transformers: decode {results[name][1] / results['transformers generate'][1]:.2f}x, "
               f"TTFT {results['transformers generate'][0] / results[name][0]:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": where, "size": args.size, "dtype": args.dtype, "prompt_tokens": len(prompt),
+                       "new_tokens": args.new_tokens, "repeats": args.repeats,
+                       "runs": {name: {"ttft_ms": ttft * 1000, "decode_tokens_per_s": rate,
+                                       "roofline": rate * (llm_bytes + kv_bytes) / bandwidth if bandwidth else None}
+                                for name, (ttft, rate) in results.items()}}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,20 @@
     python tools/memory.py                         # 7B and 13B: shard sizes under a simulated world of 8 + arithmetic
     python tools/memory.py --measure --model 7b    # on a GPU: one real rank of a simulated world of 8, one full step
 
-The model is built exactly as train.py builds it (empty parameters, FSDP2 per decoder layer / tower / root, bf16
-compute over fp32 master weights), but in one process that believes it is rank 0 of 8 (torch's fake process group:
-collectives do nothing). Counting the local shards gives the exact per-rank size of the sharded state. With
---measure the rank also allocates its shards on the GPU, runs forward, backward and AdamW on a batch of real shapes,
-and reports torch.cuda.max_memory_allocated: what one of 8 real GPUs would hold (the gathered weights are garbage,
-the memory is real). Arithmetic follows reference/performance.md section 5.
+The model is built exactly as train.py builds it, from the real backbones' configs (tools/real_configs/: Vicuna-7B
+or -13B v1.5, CLIP ViT-L/14-336) without their weights: empty parameters, FSDP2 per decoder layer then the root, the
+frozen tower replicated in bf16 outside FSDP, bf16 compute over fp32 master weights; but in one process that believes
+it is rank 0 of 8 (torch's fake process group: collectives do nothing). Counting the local shards gives the exact
+per-rank size of the sharded state. With --measure the rank also allocates its shards on the GPU, runs forward,
+backward and AdamW on a batch of real shapes, and reports torch.cuda.max_memory_allocated: what one of 8 real GPUs
+would hold (the gathered weights are garbage, the memory is real). Arithmetic follows reference/performance.md
+section 5.
 """
 
 import argparse
 import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,22 +24,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 GiB = 2**30
-# Vicuna v1.5 = Llama-2 architecture; CLIP ViT-L/14-336 (reference/performance.md section 2)
-LLMS = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-        "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)}
-CLIP_L_336 = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16, projection_dim=768)
-
-
-def write_configs(root, size):
-    """config.json directories for the backbones, so the model can be built without downloading weights."""
-    from transformers import CLIPVisionConfig, LlamaConfig
-
-    vision, llm = os.path.join(root, "vision"), os.path.join(root, "llm")
-    CLIPVisionConfig(**CLIP_L_336).save_pretrained(vision)
-    LlamaConfig(vocab_size=32000, num_key_value_heads=LLMS[size]["num_attention_heads"], max_position_embeddings=4096,
-                rms_norm_eps=1e-5, tie_word_embeddings=False, **LLMS[size]).save_pretrained(llm)
-    return vision, llm
+REAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "real_configs")
+LLMS = {"7b": os.path.join(REAL, "lmsys", "vicuna-7b-v1.5"), "13b": os.path.join(REAL, "lmsys", "vicuna-13b-v1.5")}
+CLIP_L_336 = os.path.join(REAL, "openai", "clip-vit-large-patch14-336")
 
 
 def fake_world(world_size):
@@ -49,13 +37,12 @@ def fake_world(world_size):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
 
 
-def build_sharded(size, root):
+def build_sharded(size):
     import train
     from model import LlavaModel
 
-    vision, llm = write_configs(root, size)
-    cfg = train.TrainConfig(vision_tower=vision, llm=llm, train_llm=True)
-    model = LlavaModel.from_config(cfg.model_config(), empty=True)
+    cfg = train.TrainConfig(vision_tower=CLIP_L_336, llm=LLMS[size], train_llm=True)
+    model = LlavaModel.from_config(cfg.model_config(), dtype=torch.float32, empty=True)
     train.prepare(model, cfg)
     train.shard(model, "bf16")
     return model, cfg
@@ -65,11 +52,15 @@ def local_numel(params):
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
 
 
+def sharded(model):
+    return [p for n, p in model.named_parameters() if not n.startswith("vision_tower.")]
+
+
 def arithmetic(model, micro_batch, seq_len, supervised=256, ce_chunk=2048):
     """Bytes per rank, by item, for stage 2 with FSDP2 full sharding, bf16 compute, activation checkpointing."""
     text = model.language_model.config
     d, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
-    params = list(model.parameters())
+    params = sharded(model)
     trainable = [p for p in params if p.requires_grad]
     layer = sum(p.numel() for p in model.language_model.base_model.layers[0].parameters())
     root = sum(p.numel() for n, p in model.named_parameters()
@@ -77,6 +68,7 @@ def arithmetic(model, micro_batch, seq_len, supervised=256, ce_chunk=2048):
     tokens = micro_batch * seq_len
     return {
         "fp32 master weights (sharded)": 4 * local_numel(params),
+        "frozen vision tower, bf16 (replicated)": 2 * sum(p.numel() for p in model.vision_tower.parameters()),
         "fp32 gradients (sharded)": 4 * local_numel(trainable),
         "AdamW m and v, fp32 (sharded)": 8 * local_numel(trainable),
         "bf16 gathered weights: root + 2 layers (prefetch)": 2 * (root + 2 * layer),
@@ -134,34 +126,34 @@ def main(argv=None):
     fake_world(args.world_size)
     report = {}
     for size in args.model:
-        with tempfile.TemporaryDirectory() as root:
-            model, cfg = build_sharded(size, root)
-            total = sum(p.numel() for p in model.parameters())
-            print(f"\nLLaVA-1.5-{size.upper()} stage 2, world size {args.world_size}, micro-batch "
-                  f"{args.micro_batch_size}: {total / 1e9:.3f}B parameters, {local_numel(model.parameters()) / 1e6:.1f}M "
-                  "on this rank")
-            for seq_len in args.seq_len:
-                items = arithmetic(model, args.micro_batch_size, seq_len)
-                print(f"  T = {seq_len}:")
-                for name, nbytes in items.items():
-                    print(f"    {name:<62} {nbytes / GiB:7.2f} GiB")
-                print(f"    {'total':<62} {sum(items.values()) / GiB:7.2f} GiB")
-                entry = {"items_gib": {k: v / GiB for k, v in items.items()}, "total_gib": sum(items.values()) / GiB}
-                if args.measure:
-                    import train
+        model, cfg = build_sharded(size)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"\nLLaVA-1.5-{size.upper()} stage 2, world size {args.world_size}, micro-batch "
+              f"{args.micro_batch_size}: {total / 1e9:.3f}B parameters, {local_numel(sharded(model)) / 1e6:.1f}M "
+              "of them sharded on this rank, the tower's "
+              f"{sum(p.numel() for p in model.vision_tower.parameters()) / 1e6:.1f}M replicated")
+        for seq_len in args.seq_len:
+            items = arithmetic(model, args.micro_batch_size, seq_len)
+            print(f"  T = {seq_len}:")
+            for name, nbytes in items.items():
+                print(f"    {name:<62} {nbytes / GiB:7.2f} GiB")
+            print(f"    {'total':<62} {sum(items.values()) / GiB:7.2f} GiB")
+            entry = {"items_gib": {k: v / GiB for k, v in items.items()}, "total_gib": sum(items.values()) / GiB}
+            if args.measure:
+                import train
 
-                    device = torch.device("cuda")
-                    peak, seconds = measure(model, cfg, args.micro_batch_size, seq_len, device)
-                    lengths = torch.full((args.micro_batch_size,), seq_len)
-                    flops = train.FlopCounter(model, train_llm=True)(lengths, args.micro_batch_size)
-                    entry.update(measured_peak_gib=peak / GiB, step_seconds=seconds,
-                                 tokens_per_s=args.micro_batch_size * seq_len / seconds,
-                                 mfu_compute_only=flops / seconds / (train.peak_flops(device) or float("nan")))
-                    print(f"    {'measured peak (torch.cuda.max_memory_allocated)':<62} {peak / GiB:7.2f} GiB"
-                          f"  [{torch.cuda.get_device_name()}]")
-                    print(f"    step {seconds:.3f} s, {entry['tokens_per_s']:.0f} tokens/s on this rank, MFU "
-                          f"{entry['mfu_compute_only']:.1%} (compute only: the fake group does no communication)")
-                report[f"{size}/T{seq_len}"] = entry
+                device = torch.device("cuda")
+                peak, seconds = measure(model, cfg, args.micro_batch_size, seq_len, device)
+                lengths = torch.full((args.micro_batch_size,), seq_len)
+                flops = train.FlopCounter(model, train_llm=True)(lengths, args.micro_batch_size)
+                entry.update(measured_peak_gib=peak / GiB, step_seconds=seconds,
+                             tokens_per_s=args.micro_batch_size * seq_len / seconds,
+                             mfu_compute_only=flops / seconds / (train.peak_flops(device) or float("nan")))
+                print(f"    {'measured peak (torch.cuda.max_memory_allocated)':<62} {peak / GiB:7.2f} GiB"
+                      f"  [{torch.cuda.get_device_name()}]")
+                print(f"    step {seconds:.3f} s, {entry['tokens_per_s']:.0f} tokens/s on this rank, MFU "
+                      f"{entry['mfu_compute_only']:.1%} (compute only: the fake group does no communication)")
+            report[f"{size}/T{seq_len}"] = entry
     dist.destroy_process_group()
     if args.json:
         with open(args.json, "w") as f:
