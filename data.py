@@ -317,7 +317,7 @@ def read_samples(path):
     samples, places = [], []
     for position, _, sample in iter_data_file(path):
         samples.append(sample)
-        places.append(where(path, position, sample))
+        places.append(sample_place(path, position, sample))
     return samples, places
 
 
@@ -356,12 +356,13 @@ def iter_data_file(path):
 
 def checked(sample, path, position):
     if not isinstance(sample, dict):
-        raise DataError(f"{where(path, position)}: expected a JSON object with 'conversations', got "
+        raise DataError(f"{sample_place(path, position)}: expected a JSON object with 'conversations', got "
                         f"{type(sample).__name__}")
     return sample
 
 
-def where(path, position, sample=None):
+def sample_place(path, position, sample=None):
+    """Where a sample is, for messages: "data.json, sample #3 (id 'abc')", or "data.jsonl, line 4"."""
     in_list, n = position
     text = f"{path}, sample #{n}" if in_list else f"{path}, line {n}"
     return f"{text} (id {sample['id']!r})" if sample is not None and "id" in sample else text
@@ -393,7 +394,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         for position, text, sample in iter_data_file(data_path):  # malformed JSON anywhere raises first
             self.in_list = position[0]
             try:
-                self.check(sample, where(data_path, position, sample))
+                self.check(sample, sample_place(data_path, position, sample))
             except DataError as e:
                 if not skip_bad:
                     first_error = first_error or e
@@ -424,7 +425,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         return json.loads(self.blob[self.offsets[i]:self.offsets[i + 1]])
 
     def where(self, i, sample=None):
-        return where(self.data_path, (self.in_list, self.positions[i]), sample)
+        return sample_place(self.data_path, (self.in_list, self.positions[i]), sample)
 
     @property
     def modality_lengths(self):

@@ -32,6 +32,11 @@ from torch.utils.checkpoint import checkpoint
 
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
+# Loading a hub repo that ships only .bin weights (Vicuna v1.5, LLaVA-1.5) makes transformers start a background
+# thread that asks the hub to convert it and downloads the safetensors copy: another 13-26 GB, while the other ranks
+# wait for rank 0. The weights this project reads are the ones it asks for.
+os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
+
 
 @dataclass
 class LlavaConfig:
@@ -290,7 +295,8 @@ def from_original_llava(cls, path, saved, model_base):
         tower = load_vision_tower(config.vision_tower)
     if model_base is not None or not has_weights(path):
         if model_base is None:
-            raise ValueError(f"{path} holds only a projector (LLaVA stage 1); pass the base LLM as model_base")
+            raise ValueError(f"{path} holds no LLM weights (pytorch_model*.bin or model*.safetensors), as LLaVA's "
+                             "stage-1 output (config.json + mm_projector.bin) does not: pass the base LLM as model_base")
         model = cls(config, tower, AutoModelForCausalLM.from_pretrained(model_base))
         model.multi_modal_projector.load_state_dict(projector_weights(os.path.join(path, "mm_projector.bin")))
         return model
@@ -299,9 +305,8 @@ def from_original_llava(cls, path, saved, model_base):
         llm = AutoModelForCausalLM.from_config(LlamaConfig(**text))
     state = {}
     for name, tensor in read_weights(path).items():
-        if "mm_projector." in name:
-            index, _, param = name.split("mm_projector.", 1)[1].rpartition(".")
-            state[f"multi_modal_projector.linear_{int(index) // 2 + 1 if index else 1}.{param}"] = tensor
+        if projector_name(name):
+            state[f"multi_modal_projector.{projector_name(name)}"] = tensor
         elif not name.startswith("model.vision_tower.") and not name.endswith("rotary_emb.inv_freq"):
             state[f"language_model.{name}"] = tensor  # (inv_freq: saved by older transformers, now computed)
     return assign_weights(cls(config, tower, llm), state, path)
@@ -357,31 +362,33 @@ def assign_weights(model, state, path):
 
 
 def projector_weights(path):
-    """Projector weights (our names) from a checkpoint of ours, or LLaVA's stage-1 mm_projector.bin (the file, or a
-    directory or hub repo holding it, as liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 does).
-
-    LLaVA's keys are model.mm_projector.{0,2,...}.* for mlpNx_gelu (odd indices are the GELUs) and
-    model.mm_projector.{weight,bias} for linear (reference/llava.md 1.3, 7.1). The .bin is read with
-    weights_only=True: a pickle that carries anything but tensors is refused.
-    """
+    """The projector's weights (our names) from any checkpoint that has one: ours, the original LLaVA's (a full
+    model, or stage 1's mm_projector.bin: the file, its directory, or a hub repo holding it, as
+    liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 does), or llava-hf's. The .bin is read with
+    weights_only=True: a pickle that carries anything but tensors is refused."""
     if not os.path.exists(path):
         path = resolve(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "mm_projector.bin")):
         path = os.path.join(path, "mm_projector.bin")
-    if os.path.isdir(path):
-        prefix = "multi_modal_projector."
-        return {k[len(prefix):]: v for k, v in read_weights(path).items() if k.startswith(prefix)}
-    state = load_pickled_tensors(path)
-    out = {}
-    for key, value in state.items():
-        if "mm_projector." not in key:
-            continue
-        name = key.split("mm_projector.", 1)[1]
-        index, _, param = name.rpartition(".")
-        out[f"linear_{int(index) // 2 + 1 if index else 1}.{param}"] = value
+    state = read_weights(path) if os.path.isdir(path) else load_pickled_tensors(path)
+    out = {projector_name(k): v for k, v in state.items() if projector_name(k)}
     if not out:
-        raise ValueError(f"{path} holds no mm_projector weights")
+        raise ValueError(f"{path} holds no projector weights (multi_modal_projector.* or LLaVA's mm_projector.*)")
     return out
+
+
+def projector_name(key):
+    """Our name (linear_N.weight / .bias) of a projector weight in any layout, or None for other weights.
+
+    LLaVA's keys are model.mm_projector.{0,2,...}.* for mlpNx_gelu (the odd indices are the GELUs) and
+    model.mm_projector.{weight,bias} for linear (reference/llava.md 1.3, 7.1); ours and llava-hf's hold
+    multi_modal_projector.linear_N.* under some prefix."""
+    if "multi_modal_projector." in key:
+        return key.split("multi_modal_projector.", 1)[1]
+    if "mm_projector." in key:
+        index, _, param = key.split("mm_projector.", 1)[1].rpartition(".")
+        return f"linear_{int(index) // 2 + 1 if index else 1}.{param}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -449,16 +456,29 @@ HUB_WEIGHTS = ["*.safetensors", "pytorch_model*.bin"]  # in order of preference
 
 
 def resolve(path):
-    """A local directory as is; anything else is a hub repo id, fetched into (or found in) huggingface_hub's cache."""
+    """A local directory as is; anything else is a hub repo id, fetched into (or found in) huggingface_hub's cache.
+    Without a reachable hub (HF_HUB_OFFLINE=1, no network, the hub down) the cached snapshot is used, holding the
+    weights an earlier download put in it."""
     if os.path.isdir(path):
         return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (nor a hub repo id, owner/name)")
     from fnmatch import filter as matching
 
-    from huggingface_hub import constants, list_repo_files, snapshot_download
+    from huggingface_hub import model_info, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    if constants.HF_HUB_OFFLINE:  # the cached snapshot, with the weights an earlier download put in it
-        return snapshot_download(path, allow_patterns=HUB_FILES)
-    files = list_repo_files(path)
+    try:  # the repo's file list, in one request (list_repo_files retries an unreachable hub for half a minute)
+        files = [f.rfilename for f in model_info(path).siblings or []]
+    except GatedRepoError:  # (a kind of RepositoryNotFoundError)
+        raise
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{path}: no such directory here, and no hub repo of that name") from e
+    except Exception as unreachable:  # the client's transport errors differ between huggingface_hub versions
+        try:
+            return snapshot_download(path, allow_patterns=HUB_FILES, local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise unreachable from None
     weights = [w for w in HUB_WEIGHTS if matching(files, w)][:1]
     return snapshot_download(path, allow_patterns=HUB_FILES + weights)
 

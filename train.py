@@ -89,8 +89,8 @@ class TrainConfig:
     # precision and memory
     precision: str = arg("bf16", "bf16 (bf16 compute, fp32 master weights and reductions) or fp32")
     activation_checkpointing: bool = arg(True, "recompute each decoder layer in backward")
-    dist_timeout: int = arg(30, "minutes a rank may wait in a collective (rank 0 alone loads the weights and "
-                                "writes each checkpoint meanwhile) before the job is ended")
+    dist_timeout: int = arg(30, "minutes any collective may wait before the job is ended (rank 0 alone loads the "
+                                "weights and writes each checkpoint while the others wait)")
     # the run
     output_dir: str = arg("runs/run", "where checkpoints, metrics and the final model go")
     save_every: int = arg(1000, "checkpoint every N steps (and at the end)")
@@ -149,22 +149,27 @@ def init_distributed(timeout_minutes=30):
 def build_model(cfg, device):
     """Every rank builds the model with empty parameters and shards it; rank 0 loads the weights and broadcasts them.
 
-    So only rank 0 ever holds a full copy (in CPU memory, in the backbones' saved dtype), and only once. The empty
-    model is fp32 whatever the backbones' configs say: those are the master weights the optimizer updates.
+    So only rank 0 ever holds a full copy (in CPU memory, in the backbones' saved dtype), and only once.
     """
-    model = LlavaModel.from_config(cfg.model_config(), dtype=torch.float32, empty=True)
-    prepare(model, cfg)
-    shard(model, cfg.precision)
+    model = empty_sharded_model(cfg)
     materialize(model, device)
     full = {}
     if dist.get_rank() == 0:
-        source = LlavaModel.from_config(cfg.model_config(), dtype="auto")
-        full = source.state_dict()
-        if cfg.init_from:
-            full.update({f"multi_modal_projector.{k}": v for k, v in projector_weights(cfg.init_from).items()})
+        projector = projector_weights(cfg.init_from) if cfg.init_from else {}  # first: a bad path fails in seconds
+        full = LlavaModel.from_config(cfg.model_config(), dtype="auto").state_dict()
+        full.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
     # Each tensor is copied into the rank's shard (or replica) in that parameter's dtype: fp16 -> fp32 is exact.
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     model.train()
+    return model
+
+
+def empty_sharded_model(cfg):
+    """The model on the meta device, fp32 whatever the backbones' configs say (the optimizer's master weights), with
+    what trains and activation checkpointing set, sharded: what each rank builds before any memory is allocated."""
+    model = LlavaModel.from_config(cfg.model_config(), dtype=torch.float32, empty=True)
+    prepare(model, cfg)
+    shard(model, cfg.precision)
     return model
 
 
@@ -227,7 +232,7 @@ def check_shared_output_dir(output_dir, device, wait_seconds=10.0):
     expected, seen = str(nonce.item()), torch.zeros(world, dtype=torch.int64, device=device)
     deadline = time.monotonic() + wait_seconds  # a network filesystem may show another node's file after a moment
     while not seen[rank] and time.monotonic() < deadline:
-        if os.path.exists(probe) and open(probe).read() == expected:
+        if os.path.exists(probe) and read_text(probe) == expected:
             seen[rank] = 1
         else:
             time.sleep(0.2)
@@ -239,6 +244,11 @@ def check_shared_output_dir(output_dir, device, wait_seconds=10.0):
         raise RuntimeError(f"--output-dir {output_dir} is not shared by every rank: rank(s) {blind} cannot see what "
                            f"rank 0 wrote there (this is rank {rank} on {socket.gethostname()}). Every rank writes "
                            "its part of each checkpoint; on several nodes, put output_dir on a filesystem all mount")
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
 
 
 def make_optimizer(model, cfg):
@@ -273,7 +283,7 @@ def export_model(model, path, tokenizer, image_processor, cfg):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                  ignore_frozen_params=True))
     if dist.get_rank() == 0:
-        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        dtype = compute_dtype(cfg.precision)
         model.save_pretrained(path, modules=trainable_modules(model), state_dict={k: v.to(dtype) for k, v in full.items()})
         tokenizer.save_pretrained(path)
         if image_processor is not None:
@@ -456,11 +466,11 @@ def train(cfg):
         raise ValueError(f"global batch {cfg.global_batch_size} is not a multiple of micro batch "
                          f"{cfg.micro_batch_size} x {world} ranks; change --micro-batch-size")
     grad_accum = cfg.global_batch_size // per_step
+    if world > 1:
+        check_shared_output_dir(cfg.output_dir, device)
     if not cfg.resume and checkpoints(cfg.output_dir):
         raise ValueError(f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
                          "or choose another --output-dir (or delete them) to start afresh")
-    if world > 1:
-        check_shared_output_dir(cfg.output_dir, device)
     torch.manual_seed(cfg.seed)
 
     from transformers import AutoTokenizer

@@ -244,6 +244,27 @@ def test_bad_samples_are_named(name, tmp_path, llama_tok, image_processor):
     assert all(item["id"] == "good" for item in items)
 
 
+@pytest.mark.parametrize("text", [
+    '[{"id": 1}, {"id": 2}]', " \n [ {\"id\": 1} ,\n{\"id\": 2} ]\n", "[]", "[ ]", '[{"id": 1},]', '[{"id": 1} {"id": 2}]',
+    '[{"id": 1}] [', '[{"id": 1}', '[{"id": 1},', '[{"id": }]', '[{"id": "x\u00e9"}, {"a": [1, {"b": "]"}]}]',
+    '[{"id": 1}]\n\n', '[{"id": 1}] {"id": 2}', '[,{"id": 1}]', '[\n{"id": 1},\n{"id": 2}\n\n{"id": 3}]'])
+def test_a_json_list_reads_as_json_loads_reads_it(tmp_path, text):
+    """The data file is read one sample at a time (so that 665K parsed samples never exist at once): what it accepts,
+    rejects and reads must be what json.loads does with the whole file, and errors must name the line."""
+    from data import read_samples
+
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    try:
+        expected = json.loads(text)
+    except json.JSONDecodeError as e:
+        with pytest.raises(DataError, match=r"data.json: malformed JSON at line \d+, column \d+") as error:
+            read_samples(str(path))
+        assert f"line {e.lineno}," in str(error.value)
+        return
+    assert read_samples(str(path))[0] == expected
+
+
 def test_the_dataset_holds_its_samples_compactly(tmp_path, llama_tok, image_processor):
     """Every rank and every loader worker holds the dataset: 665K samples as parsed Python objects take several times
     the file's size in each (2.7 GB for a 0.55 GB file); their JSON text takes about the file's size, and reads back

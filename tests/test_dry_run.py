@@ -2,6 +2,8 @@
 built, sharded and stepped by train.py's own code (tools/dry_run.py: fake tensors, no compute). Checks the dtypes of
 the real recipe and that a rank whose micro-batch has no image issues the same collectives as one whose has."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -38,6 +40,11 @@ def test_7b_steps_with_and_without_an_image_issue_the_same_collectives(simulated
     assert ops.count("c10d._reduce_scatter_base_") == 33
 
 
-def test_13b_builds_shards_and_steps(simulated_world):
-    r = dry_run.dry_run("13b", steps=("image",))
+def test_13b_builds_loads_shards_and_steps(simulated_world):
+    r = dry_run.dry_run("13b", steps=("image",), load=True)
     check_recipe(r, trainable=13_015_864_320 + 31_467_520)  # Vicuna-13B + mlp2x_gelu 1024->5120
+    sent = Counter()
+    for _, numel, dtype, _ in r["load_collectives"]:
+        sent[dtype] += numel
+    assert sent[torch.float16] >= 13_015_864_320  # the LLM goes out in Vicuna's saved fp16: half of fp32's traffic
+    assert sent[torch.float16] + sent[torch.float32] >= r["total_params"]  # every weight comes from rank 0

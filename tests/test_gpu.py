@@ -1,5 +1,5 @@
-"""What only a GPU can check: bf16 against fp32, FSDP over NCCL, the compiled decode step. Skipped without CUDA;
-tools/gpu_check.py runs them on a GPU node with the rest of its checks.
+"""What only a GPU can check: bf16 against fp32, FSDP over NCCL (at world size 1: one GPU), the compiled decode step.
+Skipped without CUDA; tools/gpu_check.py runs them on a GPU node with the rest of its checks.
 
 Tolerances (bf16 keeps 8 bits of mantissa, ~3 significant digits): logits of the same weights agree to a cosine
 similarity of 0.999 and a loss within 1%; a short training run in bf16 follows the fp32 run's losses within 2%.

@@ -140,9 +140,10 @@ def test_two_ranks_of_which_one_has_no_image_equal_one_process(local, tmp_path):
 
     two = load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys()
-    # AdamW's first steps move a weight by about lr x sign(gradient), so a gradient of ~1e-8 that the two reduction
-    # orders round differently can move it by up to lr; a broken step (a lost micro-batch, a wrong normaliser)
-    # moves thousands of weights by that much, summation order a handful by far less.
+    # AdamW's first steps move a weight by about lr x gradient / (|gradient| + eps): for a gradient near eps (1e-8),
+    # the rounding of a different summation order shows as a visible fraction of lr. A broken step (a lost
+    # micro-batch, a wrong normaliser) moves most weights by a large fraction of lr; summation order moves a handful,
+    # by a small one.
     diffs = torch.cat([(one[k] - two[k]).abs().flatten() for k in one])
     assert diffs.max() < 0.05 * 1e-3 and (diffs > 1e-6).float().mean() < 1e-4, (diffs.max(), (diffs > 1e-6).sum())
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "metrics.jsonl")] for run in ("one", "two")]
@@ -170,6 +171,25 @@ def test_the_original_layout_gives_transformers_llavas_logits(local):
     assert (logits - expected).abs().max() < 1e-4
 
 
+def test_init_from_takes_the_projector_of_every_layout(local, tmp_path):
+    """--init-from: LLaVA's full checkpoint, its stage-1 directory or mm_projector.bin (bf16), the llava-hf
+    conversion: the same projector (to bf16's precision); a checkpoint without one, or a path that is not there,
+    is an error naming it, never a silently fresh projector."""
+    from model import LlavaModel, projector_weights
+
+    reference = LlavaModel.from_pretrained(local[rf.LLAVA]).multi_modal_projector.state_dict()
+    stage1 = local[rf.LLAVA_STAGE1]
+    for source in (local[rf.LLAVA], local[rf.LLAVA_HF], stage1, os.path.join(stage1, "mm_projector.bin")):
+        weights = projector_weights(source)
+        assert weights.keys() == reference.keys(), source
+        for k, v in reference.items():
+            assert (weights[k].float() - v.float()).abs().max() <= 0.01 * v.float().abs().max(), (source, k)
+    with pytest.raises(ValueError, match="holds no projector weights"):
+        projector_weights(local[rf.VICUNA])
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint directory"):
+        projector_weights(str(tmp_path / "checkpoints" / "llava-v1.5-7b-pretrain"))
+
+
 @pytest.fixture(scope="module")
 def hub_repos(tmp_path_factory):
     """The repos as the hub holds them: the LLaVA checkpoints name their tower by hub id."""
@@ -185,7 +205,8 @@ def test_the_readme_commands_through_a_loopback_hub(hub_repos, local, tmp_path):
 
     repos = hub_repos
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "DISABLE_SAFETENSORS_CONVERSION": "1", "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1"}
+    env.pop("DISABLE_SAFETENSORS_CONVERSION", None)  # model.py sets it: no hub-side conversion of .bin repos
     small = ["--image-folder", local["data"], "--num-workers", "0", "--max-steps", "2", "--global-batch-size", "4",
              "--max-length", "512", "--vision-tower", rf.CLIP, "--llm", rf.VICUNA]
     question = {"question_id": 7, "image": "coco/train2017/000000000001.png", "text": "What is in the image?"}
@@ -207,14 +228,16 @@ def test_the_readme_commands_through_a_loopback_hub(hub_repos, local, tmp_path):
                                     timeout=300)
             assert result.returncode == 0, (command, result.stderr[-3000:])
         downloaded = {repo: set(hub.downloaded(repo)) for repo in repos}
+        asked = [path for _, path in hub.requests]
     assert {"pytorch_model-00001-of-00002.bin", "tokenizer.model"} <= downloaded[rf.LLAVA]
+    assert "mm_projector.bin" in downloaded[rf.LLAVA_STAGE1]
+    assert not [p for p in asked if "/discussions" in p or "/commits/" in p]  # no safetensors conversion asked for
     assert "training_args.bin" not in downloaded[rf.LLAVA]
     assert not os.path.exists(os.path.join(repos[rf.LLAVA], "training_args.bin.opened"))
     assert json.loads((tmp_path / "answers.jsonl").read_text())["question_id"] == 7
     for out in ("pretrain", "finetune", "stage1"):
         assert (tmp_path / out / "config.json").exists(), out
-    # Offline, as a GPU node without internet: everything comes from the cache.
-    env["HF_HUB_OFFLINE"] = "1"
+    # The hub gone, and nobody said HF_HUB_OFFLINE=1 (a GPU node without internet): everything from the cache.
     result = subprocess.run([sys.executable, "generate.py", "--model", rf.LLAVA, "--image",
                              os.path.join(local["data"], question["image"]), "--max-new-tokens", "3",
                              "--temperature", "0", "What is it?"], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -150,9 +150,7 @@ def build(size, stage, mode, load=False):
     from tools.memory import CLIP_L_336, LLMS
 
     cfg = train.TrainConfig(vision_tower=CLIP_L_336, llm=LLMS[size], train_llm=stage == 2)
-    model = LlavaModel.from_config(cfg.model_config(), dtype=torch.float32, empty=True)
-    train.prepare(model, cfg)
-    train.shard(model, cfg.precision)
+    model = train.empty_sharded_model(cfg)
     with mode:  # building inside the mode fails (to_empty cannot swap fake parameters in); materializing works
         train.materialize(model, torch.device("cpu"))
     if load:

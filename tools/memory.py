@@ -39,13 +39,9 @@ def fake_world(world_size):
 
 def build_sharded(size):
     import train
-    from model import LlavaModel
 
     cfg = train.TrainConfig(vision_tower=CLIP_L_336, llm=LLMS[size], train_llm=True)
-    model = LlavaModel.from_config(cfg.model_config(), dtype=torch.float32, empty=True)
-    train.prepare(model, cfg)
-    train.shard(model, "bf16")
-    return model, cfg
+    return train.empty_sharded_model(cfg), cfg
 
 
 def local_numel(params):
