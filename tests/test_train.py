@@ -73,11 +73,12 @@ import torch.distributed as dist
 import train
 device = train.init_distributed()
 train.check_shared_output_dir({str(tmp_path / "shared")!r}, device)
-print("shared: ok")
+sys.stdout.write("shared: ok\\n")  # one write per line: the two ranks share the pipe
+sys.stdout.flush()
 try:
     train.check_shared_output_dir({str(tmp_path / "local")!r} + str(dist.get_rank()), device, wait_seconds=0.5)
 except RuntimeError as e:
-    print("local:", e)
+    sys.stdout.write(f"local: {{e}}\\n")
 dist.destroy_process_group()
 """)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532", str(script)]
