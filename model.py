@@ -305,8 +305,8 @@ def from_original_llava(cls, path, saved, model_base):
         llm = AutoModelForCausalLM.from_config(LlamaConfig(**text))
     state = {}
     for name, tensor in read_weights(path).items():
-        if projector_name(name):
-            state[f"multi_modal_projector.{projector_name(name)}"] = tensor
+        if ours := projector_name(name):
+            state[f"multi_modal_projector.{ours}"] = tensor
         elif not name.startswith("model.vision_tower.") and not name.endswith("rotary_emb.inv_freq"):
             state[f"language_model.{name}"] = tensor  # (inv_freq: saved by older transformers, now computed)
     return assign_weights(cls(config, tower, llm), state, path)
@@ -371,7 +371,7 @@ def projector_weights(path):
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "mm_projector.bin")):
         path = os.path.join(path, "mm_projector.bin")
     state = read_weights(path) if os.path.isdir(path) else load_pickled_tensors(path)
-    out = {projector_name(k): v for k, v in state.items() if projector_name(k)}
+    out = {name: v for k, v in state.items() if (name := projector_name(k))}
     if not out:
         raise ValueError(f"{path} holds no projector weights (multi_modal_projector.* or LLaVA's mm_projector.*)")
     return out

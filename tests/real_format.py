@@ -98,18 +98,17 @@ def write_tokenizer(folder, repo=VICUNA):
         write_json(os.path.join(folder, name), real(repo, name))
 
 
-def llm_config(vocab_size=320):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**{**real(VICUNA), **LLM_SIZES, "vocab_size": vocab_size})
+def vicuna_config():
+    """Vicuna's config.json with the sizes shrunk (the vocabulary: the tiny SentencePiece model's)."""
+    return {**real(VICUNA), **LLM_SIZES, "vocab_size": 320}
 
 
 def random_llm(seed):
-    """A tiny Llama with Vicuna's config (sizes shrunk); weights as fp16, as Vicuna ships them."""
-    from transformers import LlamaForCausalLM
+    """A tiny Llama with Vicuna's config; weights as fp16, as Vicuna ships them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llm_config()).half()
+    return LlamaForCausalLM(LlamaConfig(**vicuna_config())).half()
 
 
 def with_inv_freq(state, n_layers, head_dim):
@@ -121,7 +120,7 @@ def with_inv_freq(state, n_layers, head_dim):
 def vicuna_repo(folder, seed=0):
     os.makedirs(folder, exist_ok=True)
     llm = random_llm(seed)
-    write_json(os.path.join(folder, "config.json"), {**real(VICUNA), **LLM_SIZES, "vocab_size": 320})
+    write_json(os.path.join(folder, "config.json"), vicuna_config())
     write_json(os.path.join(folder, "generation_config.json"), real(VICUNA, "generation_config.json"))
     head_dim = LLM_SIZES["hidden_size"] // LLM_SIZES["num_attention_heads"]
     save_bin_shards(with_inv_freq(llm.state_dict(), LLM_SIZES["num_hidden_layers"], head_dim), folder)
@@ -129,17 +128,9 @@ def vicuna_repo(folder, seed=0):
     return folder
 
 
-def clip_config():
-    from transformers import CLIPConfig
-
-    saved = real(CLIP)
-    return CLIPConfig(text_config={**saved["text_config"], **TEXT_SIZES},
-                      vision_config={**saved["vision_config"], **VISION_SIZES}, projection_dim=16)
-
-
 def clip_repo(folder, seed=0):
     """The whole CLIPModel (both towers) in pytorch_model.bin, with the position_ids buffers old checkpoints hold."""
-    from transformers import CLIPModel
+    from transformers import CLIPConfig, CLIPModel
 
     os.makedirs(folder, exist_ok=True)
     saved = real(CLIP)
@@ -151,7 +142,8 @@ def clip_repo(folder, seed=0):
                                      **{k: VISION_SIZES[k] for k in saved["vision_config_dict"]}}}
     write_json(os.path.join(folder, "config.json"), config)
     torch.manual_seed(seed)
-    model = CLIPModel(clip_config())
+    saved_config = CLIPConfig(text_config=config["text_config"], vision_config=config["vision_config"], projection_dim=16)
+    model = CLIPModel(saved_config)
     state = dict(model.state_dict())
     n_patches = (VISION_SIZES["image_size"] // VISION_SIZES["patch_size"]) ** 2
     state["vision_model.embeddings.position_ids"] = torch.arange(n_patches + 1)[None]
@@ -169,7 +161,7 @@ def clip_repo(folder, seed=0):
 def llava_weights(clip_folder, seed=1):
     """A "finetuned" LLaVA in the original layout's key names, fp16: model.* + lm_head from a fresh tiny Vicuna, the
     mlp2x_gelu projector as model.mm_projector.{0,2}, and the tower's copy under model.vision_tower.vision_tower."""
-    state = {k: v for k, v in random_llm(seed).state_dict().items()}
+    state = dict(random_llm(seed).state_dict())
     torch.manual_seed(seed)
     d_v, d = VISION_SIZES["hidden_size"], LLM_SIZES["hidden_size"]
     projector = {"model.mm_projector.0.weight": torch.randn(d, d_v) * 0.2, "model.mm_projector.0.bias": torch.randn(d),
