@@ -18,7 +18,7 @@ import sys
 import torch
 
 from data import IMAGE_TOKEN, ChatFormat, DataError, load_image, load_tokenizer_and_processor, process_image
-from model import LlavaModel
+import checkpoints
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -28,7 +28,7 @@ from model import LlavaModel
 def load(path, dtype=None, device="cpu"):
     """A LLaVA checkpoint of either stage: (model, ChatFormat, image processor). The tokenizer and image processor are
     the checkpoint's own when it has them, else those of the backbones its config names."""
-    model = LlavaModel.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = checkpoints.load(path, dtype=dtype).to(device).eval()
     tokenizer, processor = load_tokenizer_and_processor(path, model.config)
     return model, ChatFormat(tokenizer, model.config.template, model.num_image_tokens), processor
 

@@ -4,20 +4,21 @@
     torchrun --nproc_per_node 8 finetune.py --preset llava-1.5-7b        # one node
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 finetune.py ...
 
-The stages differ in data, template, what is trainable and hyper-parameters, never in code (DESIGN.md decision 5).
-A step, in order:
+The stages differ in data, template, what is trainable and hyper-parameters, never in code: each stage file is a
+dict of settings and a call to main(). A step (train_step), in order:
 1. Each rank reads grad_accum micro-batches; their supervised tokens are counted and summed over all ranks.
 2. Each micro-batch's loss is its summed cross-entropy divided by that global count (times the world size, because
    FSDP averages gradients over ranks), so the gradient is the mean over every supervised token of the global
    batch, however tokens fall across micro-batches and ranks. LLaVA's Trainer averaged per micro-batch instead.
-3. Gradient norm (clipped if asked), a non-finite check, AdamW with the cosine learning rate, and now and then a
-   checkpoint.
+3. Gradient norm (clipped if asked), a non-finite check, AdamW with the cosine learning rate; now and then a
+   checkpoint that a later run resumes exactly.
 
 Distributed: FSDP2 `fully_shard` on each decoder layer, then the root; MixedPrecisionPolicy(bf16 params, fp32 reduce)
 over fp32 master weights (whatever dtype the backbones were saved in), or fp32 throughout; the frozen vision tower
 outside FSDP, replicated in the compute dtype; non-reentrant activation checkpointing per decoder layer; SDPA
 attention. The same path runs on one CPU process (gloo), on GPUs (NCCL) and multi-node, all launched by torchrun;
-output_dir must then be on a filesystem every node shares (checked at start-up).
+output_dir must then be on a filesystem every node shares (checked at start-up). Each step appends a JSON line to
+output_dir/metrics.jsonl (loss, lr, gradient norm, tokens/s, MFU, memory); tools/plot_loss.py draws it.
 """
 
 import argparse
@@ -30,7 +31,7 @@ import secrets
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import timedelta
 from functools import partial
 
@@ -43,87 +44,222 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from data import IGNORE_INDEX, ChatFormat, LazySupervisedDataset, ModalityLengthGroupedSampler, collate, \
+import checkpoints
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatFormat, LazySupervisedDataset, ModalityLengthGroupedSampler, collate, \
     load_image_processor
-from model import LlavaConfig, LlavaModel, projector_weights
+from model import LlavaConfig, LlavaModel, supervised_targets
 
 
-def arg(default, help):
+def arg(help, default=MISSING):
     return field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
-    """Every knob of a run. Defaults are LLaVA-1.5's where both stages agree; each stage file sets the rest."""
+    """Every knob of a run. Where LLaVA-1.5's two stages agree, the default is theirs; where they differ (the fields
+    without a default), pretrain.py's STAGE_1 and finetune.py's STAGE_2 give the values."""
 
     # the model
-    vision_tower: str = arg("openai/clip-vit-large-patch14-336", "vision tower: hub id or local dir")
-    llm: str = arg("lmsys/vicuna-7b-v1.5", "LLM (and its tokenizer): hub id or local dir")
-    projector_type: str = arg("mlp2x_gelu", "linear or mlpNx_gelu")
-    vision_feature_layer: int = arg(-2, "hidden state of the tower the features come from")
-    vision_feature_select: str = arg("patch", "patch (drop CLS) or cls_patch")
-    init_from: str = arg("", "projector weights to start from: a stage-1 output dir, or LLaVA's mm_projector.bin "
-                             "(the file, its directory or its hub repo)")
-    train_llm: bool = arg(False, "train the LLM with the projector (stage 2); else the projector alone (stage 1)")
+    vision_tower: str = arg("vision tower: hub id or local dir", "openai/clip-vit-large-patch14-336")
+    llm: str = arg("LLM (and its tokenizer): hub id or local dir", "lmsys/vicuna-7b-v1.5")
+    projector_type: str = arg("linear or mlpNx_gelu", "mlp2x_gelu")
+    vision_feature_layer: int = arg("hidden state of the tower the features come from", -2)
+    vision_feature_select: str = arg("patch (drop CLS) or cls_patch", "patch")
+    init_from: str = arg("projector weights to start from: a stage-1 output dir, or LLaVA's mm_projector.bin (the "
+                         "file, its directory or its hub repo)", "")
+    train_llm: bool = arg("train the LLM with the projector (stage 2); else the projector alone (stage 1)")
     # the data
-    data_path: str = arg("", "LLaVA data file (.json list or .jsonl)")
-    image_folder: str = arg("", "folder the samples' image paths are relative to")
-    template: str = arg("vicuna_v1", "plain, vicuna_v1, llava_v1, llama_2 or chat_template")
-    image_aspect_ratio: str = arg("pad", "pad (expand to square) or crop")
-    max_length: int = arg(2048, "tokens per sample, image tokens included")
-    group_by_modality_length: bool = arg(False, "LLaVA-1.5's length/modality-grouped batches")
-    skip_bad_samples: bool = arg(False, "skip (and count) bad samples instead of stopping")
-    num_workers: int = arg(4, "data loader processes per rank")
+    data_path: str = arg("LLaVA data file (.json list or .jsonl)", "")
+    image_folder: str = arg("folder the samples' image paths are relative to", "")
+    template: str = arg("plain, vicuna_v1, llava_v1, llama_2 or chat_template")
+    image_aspect_ratio: str = arg("pad (expand to square) or crop")
+    max_length: int = arg("tokens per sample, image tokens included", 2048)
+    group_by_modality_length: bool = arg("LLaVA-1.5's length/modality-grouped batches")
+    skip_bad_samples: bool = arg("skip (and count) bad samples instead of stopping", False)
+    num_workers: int = arg("data loader processes per rank", 4)
     # optimization
-    epochs: int = arg(1, "passes over the data")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0: run the epochs); the schedule spans it")
-    global_batch_size: int = arg(128, "samples per optimizer step, over all ranks and accumulation steps")
-    micro_batch_size: int = arg(16, "samples per rank per forward/backward")
-    lr: float = arg(2e-5, "peak learning rate")
-    warmup_ratio: float = arg(0.03, "fraction of the steps with a linear warm-up")
-    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms)")
-    adam_beta1: float = arg(0.9, "AdamW beta1")
-    adam_beta2: float = arg(0.999, "AdamW beta2")
-    adam_eps: float = arg(1e-8, "AdamW epsilon")
-    grad_clip: float = arg(0.0, "max gradient norm; 0 = no clipping, as LLaVA-1.5 trained (the norm is still logged)")
+    epochs: int = arg("passes over the data", 1)
+    max_steps: int = arg("stop after this many optimizer steps (0: run the epochs); the schedule spans it", 0)
+    global_batch_size: int = arg("samples per optimizer step, over all ranks and accumulation steps")
+    micro_batch_size: int = arg("samples per rank per forward/backward")
+    lr: float = arg("peak learning rate")
+    warmup_ratio: float = arg("fraction of the steps with a linear warm-up", 0.03)
+    weight_decay: float = arg("AdamW weight decay (not applied to biases and norms)", 0.0)
+    adam_beta1: float = arg("AdamW beta1", 0.9)
+    adam_beta2: float = arg("AdamW beta2", 0.999)
+    adam_eps: float = arg("AdamW epsilon", 1e-8)
+    grad_clip: float = arg("max gradient norm; 0 = no clipping, as LLaVA-1.5 trained (the norm is still logged)", 0.0)
     # precision and memory
-    precision: str = arg("bf16", "bf16 (bf16 compute, fp32 master weights and reductions) or fp32")
-    activation_checkpointing: bool = arg(True, "recompute each decoder layer in backward")
-    dist_timeout: int = arg(30, "minutes any collective may wait before the job is ended (rank 0 alone loads the "
-                                "weights and writes each checkpoint while the others wait)")
+    precision: str = arg("bf16 (bf16 compute, fp32 master weights and reductions) or fp32", "bf16")
+    activation_checkpointing: bool = arg("recompute each decoder layer in backward", True)
+    dist_timeout: int = arg("minutes any collective may wait before the job is ended (rank 0 alone loads the weights "
+                            "and writes each checkpoint while the others wait)", 30)
     # the run
-    output_dir: str = arg("runs/run", "where checkpoints, metrics and the final model go")
-    save_every: int = arg(1000, "checkpoint every N steps (and at the end)")
-    keep_last: int = arg(2, "checkpoints to keep (0: all)")
-    resume: bool = arg(False, "continue from the latest checkpoint in output_dir")
-    seed: int = arg(42, "seed of the data order and the projector's initialization")
+    output_dir: str = arg("where checkpoints, metrics and the final model go", "runs/run")
+    save_every: int = arg("checkpoint every N steps (and at the end)")
+    keep_last: int = arg("checkpoints to keep (0: all)", 2)
+    resume: bool = arg("continue from the latest checkpoint in output_dir", False)
+    seed: int = arg("seed of the data order and the projector's initialization", 42)
 
     def model_config(self):
         return LlavaConfig(**{f.name: getattr(self, f.name) for f in fields(LlavaConfig)})
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line: flags derived from TrainConfig's fields; a preset is a dict of overrides
-
-
 def parse_config(argv, stage_defaults, presets, description):
+    """Flags derived from TrainConfig's fields, defaults from the stage; a preset is a dict of overrides, and flags
+    given on the command line win over it."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(presets), help="named settings; flags given here override them")
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = {**asdict(TrainConfig()), **stage_defaults}[f.name]
-        if isinstance(f.default, bool):
+        flag, default = "--" + f.name.replace("_", "-"), stage_defaults.get(f.name, f.default)
+        if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{f.metadata['help']} ({default})")
         else:
-            p.add_argument(flag, type=type(f.default), help=f"{f.metadata['help']} ({default!r})")
+            p.add_argument(flag, type=f.type, help=f"{f.metadata['help']} ({default!r})")
     given = vars(p.parse_args(argv))
     preset = presets[given.pop("preset")] if "preset" in given else {}
     return TrainConfig(**{**stage_defaults, **preset, **given})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg):
+    device = init_distributed(cfg.dist_timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    grad_accum = accumulation_steps(cfg, world)
+    check_output_dir(cfg, device)
+    torch.manual_seed(cfg.seed)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)  # first: a tokenizer that cannot load fails in seconds
+    image_processor = load_image_processor(cfg.vision_tower)
+    model = build_model(cfg, device)
+    fmt = ChatFormat(tokenizer, cfg.template, model.num_image_tokens)
+    dataset = LazySupervisedDataset(cfg.data_path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
+                                    cfg.max_length, cfg.skip_bad_samples)
+    sampler = ModalityLengthGroupedSampler(dataset.modality_lengths, cfg.micro_batch_size, world, rank, grad_accum,
+                                           cfg.group_by_modality_length, cfg.seed)
+    steps_per_epoch = sampler.steps_per_epoch()
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer = make_optimizer(model, cfg)
+    step = load_checkpoint(model, optimizer, saved_checkpoints(cfg.output_dir)[-1], cfg) if cfg.resume and \
+        saved_checkpoints(cfg.output_dir) else 0
+    log = MetricsLog(cfg.output_dir, fresh=step == 0, total=total, initial=step)
+    flops = FlopCounter(model, cfg.train_llm)
+
+    batches = None
+    while step < total:
+        if batches is None or step % steps_per_epoch == 0:  # a new epoch, or the resumed one from its step
+            sampler.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
+            batches = iter(torch.utils.data.DataLoader(
+                dataset, cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                collate_fn=partial(collate, pad_id=fmt.pad_id), pin_memory=device.type == "cuda"))
+        micro = [next(batches) for _ in range(grad_accum)]
+        record = train_step(model, optimizer, micro, step, total, cfg, flops, device)
+        step += 1
+        log.write({"step": step, "epoch": round(step / steps_per_epoch, 4), **record})
+        if step % cfg.save_every == 0 or step == total:
+            save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor)
+    log.close()
+    export_model(model, cfg.output_dir, tokenizer, image_processor, cfg)
+    dist.barrier()
+    return model
+
+
+def train_step(model, optimizer, micro, step, total, cfg, flops, device):
+    """One optimizer step over this rank's micro-batches (every rank runs it on its own); returns the step's metrics.
+    `step` counts from 0: it sets the learning rate."""
+    start = time.perf_counter()
+    counts = global_counts(micro, flops, device)
+    if counts["supervised_tokens"] == 0:
+        raise RuntimeError(f"step {step}: no supervised token in the whole global batch")
+    lr = cosine_lr(step, total, math.ceil(cfg.warmup_ratio * total), cfg.lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss, grad_norm = forward_backward(model, micro, counts["supervised_tokens"], trainable, cfg.grad_clip, device)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteError(f"step {step}: loss {loss}, gradient norm {grad_norm}; stopping before the update. "
+                             f"The last good checkpoint in {cfg.output_dir} is untouched: resume from it with "
+                             "--resume, with a lower --lr or --grad-clip 1.0")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds, peak = time.perf_counter() - start, peak_flops(device)
+    work = counts.pop("flops")
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **{k: int(v) for k, v in counts.items()},
+            "tokens_per_s": counts["tokens"] / seconds,
+            "mfu": work / (seconds * dist.get_world_size() * peak) if peak else None,
+            "peak_memory_gb": peak_memory_gb(device)}
+
+
+def global_counts(micro, flops, device):
+    """What the global batch holds: this rank's micro-batches counted, then summed over all ranks in one all-reduce.
+    supervised_tokens is the loss's denominator (model.supervised_targets defines what counts)."""
+    images = [0 if b["pixel_values"] is None else len(b["pixel_values"]) for b in micro]
+    local = {"supervised_tokens": sum((supervised_targets(b["input_ids"], b["labels"]) != IGNORE_INDEX).sum().item()
+                                      for b in micro),
+             "tokens": sum(b["attention_mask"].sum().item() for b in micro),
+             "samples": sum(len(b["input_ids"]) for b in micro),
+             "image_samples": sum((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum().item() for b in micro),
+             "images": sum(images),
+             "skipped_samples": sum(b["skipped"] for b in micro),
+             "flops": sum(flops(b["attention_mask"].sum(1), n) for b, n in zip(micro, images))}
+    counts = torch.tensor(list(local.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    return dict(zip(local, counts.tolist()))
+
+
+def forward_backward(model, micro, n_supervised, trainable, grad_clip, device):
+    """Forward and backward over this rank's micro-batches of one step, then the gradient norm (clipped when
+    grad_clip > 0). Returns the loss of the whole global batch and the gradient norm, every rank the same.
+
+    Each micro-batch's summed cross-entropy is divided by the global batch's supervised-token count, times the world
+    size because FSDP averages gradients over ranks: the gradient is then the mean over every supervised token.
+    """
+    world = dist.get_world_size()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for b in micro:
+        pixel_values = b["pixel_values"].to(device, non_blocking=True) if b["pixel_values"] is not None else None
+        # no attention mask: right padding needs none, and SDPA keeps its causal flash kernel (model.forward)
+        ce = model(b["input_ids"].to(device), None, pixel_values, b["labels"].to(device))
+        (ce * world / n_supervised).backward()
+        loss_sum += ce.detach()
+    dist.all_reduce(loss_sum)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return loss_sum.item() / n_supervised, grad_norm.item()
+
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Distributed setup and the model
+
+
+def accumulation_steps(cfg, world):
+    per_step = cfg.micro_batch_size * world
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"global batch {cfg.global_batch_size} is not a multiple of micro batch "
+                         f"{cfg.micro_batch_size} x {world} ranks; change --micro-batch-size")
+    return cfg.global_batch_size // per_step
+
+
+def check_output_dir(cfg, device):
+    """Before anything is loaded: every rank sees the same output_dir, and a fresh run does not overwrite another's."""
+    if dist.get_world_size() > 1:
+        check_shared_output_dir(cfg.output_dir, device)
+    if not cfg.resume and saved_checkpoints(cfg.output_dir):
+        raise ValueError(f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
+                         "or choose another --output-dir (or delete them) to start afresh")
 
 
 def init_distributed(timeout_minutes=30):
@@ -155,7 +291,7 @@ def build_model(cfg, device):
     materialize(model, device)
     full = {}
     if dist.get_rank() == 0:
-        projector = projector_weights(cfg.init_from) if cfg.init_from else {}  # first: a bad path fails in seconds
+        projector = checkpoints.projector_weights(cfg.init_from) if cfg.init_from else {}  # first: a bad path fails in seconds
         full = LlavaModel.from_config(cfg.model_config(), dtype="auto").state_dict()
         full.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
     # Each tensor is copied into the rank's shard (or replica) in that parameter's dtype: fp16 -> fp32 is exact.
@@ -251,6 +387,10 @@ def read_text(path):
         return f.read()
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimization
+
+
 def make_optimizer(model, cfg):
     """AdamW over the trainable parameters; LLaVA's Trainer exempts biases and norms (1-D tensors) from decay."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -276,15 +416,15 @@ def trainable_modules(model):
 
 
 def export_model(model, path, tokenizer, image_processor, cfg):
-    """The trained weights, gathered to rank 0, as a directory LlavaModel.from_pretrained (and generate.py) loads.
+    """The trained weights, gathered to rank 0, as a directory checkpoints.load (and generate.py) loads.
 
-    Frozen modules are not written: from_pretrained takes them from the config's paths, as LLaVA does.
+    Frozen modules are not written: checkpoints.load takes them from the config's paths, as LLaVA does.
     """
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                  ignore_frozen_params=True))
     if dist.get_rank() == 0:
         dtype = compute_dtype(cfg.precision)
-        model.save_pretrained(path, modules=trainable_modules(model), state_dict={k: v.to(dtype) for k, v in full.items()})
+        checkpoints.save(model, path, modules=trainable_modules(model), state_dict={k: v.to(dtype) for k, v in full.items()})
         tokenizer.save_pretrained(path)
         if image_processor is not None:
             image_processor.save_pretrained(path)
@@ -313,12 +453,12 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor):
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step, "config": asdict(cfg)}, f, indent=2)
         os.replace(tmp, os.path.join(cfg.output_dir, name))
-        for old in checkpoints(cfg.output_dir)[:-cfg.keep_last]:
+        for old in saved_checkpoints(cfg.output_dir)[:-cfg.keep_last]:
             shutil.rmtree(old)
     dist.barrier()
 
 
-def checkpoints(output_dir):
+def saved_checkpoints(output_dir):
     """Complete checkpoints, oldest first (an interrupted write leaves only a .tmp- directory)."""
     if not os.path.isdir(output_dir):
         return []
@@ -350,7 +490,33 @@ def load_checkpoint(model, optimizer, path, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Metrics: tokens/s, MFU (reference/performance.md section 3), memory, and a loss curve
+# Metrics: MFU (FLOPs as docs/performance.md section 1 counts them), memory, the log
+
+
+class MetricsLog:
+    """output_dir/metrics.jsonl, a JSON object per optimizer step (appended on resume), and a progress bar, on rank 0."""
+
+    def __init__(self, output_dir, fresh, total, initial):
+        from tqdm import tqdm
+
+        self.rank0 = dist.get_rank() == 0
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        os.makedirs(output_dir, exist_ok=True)
+        if self.rank0 and fresh and os.path.exists(self.path):
+            os.remove(self.path)
+        self.bar = tqdm(total=total, initial=initial, disable=not self.rank0,
+                        desc=os.path.basename(output_dir.rstrip("/")))
+
+    def write(self, record):
+        if self.rank0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+            self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
 
 
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -391,160 +557,6 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
-
-def plot_loss(metrics_path, png_path, width=640, height=360):
-    """The loss curve as a PNG, drawn with pillow."""
-    from PIL import Image, ImageDraw
-
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f]
-    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 60, 20, width - 20, height - 40
-    draw.rectangle((left, top, right, bottom), outline="black")
-    lo, hi = min(losses), max(losses)
-    span, step_span = (hi - lo) or 1.0, (max(steps) - min(steps)) or 1
-    points = [(left + (s - min(steps)) / step_span * (right - left), bottom - (v - lo) / span * (bottom - top))
-              for s, v in zip(steps, losses)]
-    if len(points) > 1:
-        draw.line(points, fill=(31, 119, 180), width=2)
-    draw.text((left, bottom + 8), f"step {min(steps)}", fill="black")
-    draw.text((right - 70, bottom + 8), f"step {max(steps)}", fill="black")
-    draw.text((4, top), f"{hi:.3f}", fill="black")
-    draw.text((4, bottom - 10), f"{lo:.3f}", fill="black")
-    draw.text((left + 8, top + 4), "training loss", fill="black")
-    image.save(png_path)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The loop
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-def global_counts(micro, flops, device):
-    """Supervised tokens, tokens, skipped samples and FLOPs of the global batch: this rank's micro-batches, summed
-    over all ranks in one all-reduce."""
-    local = [sum((b["labels"][:, 1:] != IGNORE_INDEX).sum().item() for b in micro),
-             sum(b["attention_mask"].sum().item() for b in micro), sum(b["skipped"] for b in micro),
-             sum(flops(b["attention_mask"].sum(1), 0 if b["pixel_values"] is None else len(b["pixel_values"]))
-                 for b in micro)]
-    counts = torch.tensor(local, dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    return counts.tolist()
-
-
-def forward_backward(model, micro, n_supervised, trainable, grad_clip, device):
-    """Forward and backward over this rank's micro-batches of one step, then the gradient norm (clipped when
-    grad_clip > 0). Returns the loss of the whole global batch and the gradient norm, every rank the same.
-
-    Each micro-batch's summed cross-entropy is divided by the global batch's supervised-token count, times the world
-    size because FSDP averages gradients over ranks: the gradient is then the mean over every supervised token.
-    """
-    world = dist.get_world_size()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for b in micro:
-        pixel_values = b["pixel_values"].to(device, non_blocking=True) if b["pixel_values"] is not None else None
-        # right padding: causal attention alone keeps padding out of every real token's view (model.forward)
-        ce, _ = model(b["input_ids"].to(device), None, pixel_values, b["labels"].to(device))
-        (ce * world / n_supervised).backward()
-        loss_sum += ce.detach()
-    dist.all_reduce(loss_sum)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    return loss_sum.item() / n_supervised, grad_norm.item()
-
-
-def train(cfg):
-    device = init_distributed(cfg.dist_timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    per_step = cfg.micro_batch_size * world
-    if cfg.global_batch_size % per_step:
-        raise ValueError(f"global batch {cfg.global_batch_size} is not a multiple of micro batch "
-                         f"{cfg.micro_batch_size} x {world} ranks; change --micro-batch-size")
-    grad_accum = cfg.global_batch_size // per_step
-    if world > 1:
-        check_shared_output_dir(cfg.output_dir, device)
-    if not cfg.resume and checkpoints(cfg.output_dir):
-        raise ValueError(f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
-                         "or choose another --output-dir (or delete them) to start afresh")
-    torch.manual_seed(cfg.seed)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)  # first: a tokenizer that cannot load fails in seconds
-    image_processor = load_image_processor(cfg.vision_tower)
-    model = build_model(cfg, device)
-    fmt = ChatFormat(tokenizer, cfg.template, model.num_image_tokens)
-    dataset = LazySupervisedDataset(cfg.data_path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
-                                    cfg.max_length, cfg.skip_bad_samples)
-    sampler = ModalityLengthGroupedSampler(dataset.modality_lengths, cfg.micro_batch_size, world, rank, grad_accum,
-                                           cfg.group_by_modality_length, cfg.seed)
-    steps_per_epoch = sampler.steps_per_epoch()
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup = math.ceil(cfg.warmup_ratio * total)
-    optimizer = make_optimizer(model, cfg)
-
-    step = 0
-    if cfg.resume and checkpoints(cfg.output_dir):
-        step = load_checkpoint(model, optimizer, checkpoints(cfg.output_dir)[-1], cfg)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if rank == 0 and step == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    flops, peak = FlopCounter(model, cfg.train_llm), peak_flops(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=os.path.basename(cfg.output_dir.rstrip("/")))
-    batches = None
-    while step < total:
-        if batches is None or step % steps_per_epoch == 0:
-            sampler.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
-            batches = iter(torch.utils.data.DataLoader(
-                dataset, cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                collate_fn=partial(collate, pad_id=fmt.pad_id), pin_memory=device.type == "cuda"))
-        start = time.perf_counter()
-        micro = [next(batches) for _ in range(grad_accum)]
-        n_supervised, n_tokens, n_skipped, work = global_counts(micro, flops, device)
-        if n_supervised == 0:
-            raise RuntimeError(f"step {step}: no supervised token in the whole global batch")
-        lr = cosine_lr(step, total, warmup, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, grad_norm = forward_backward(model, micro, n_supervised, trainable, cfg.grad_clip, device)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise NonFiniteError(f"step {step}: loss {loss}, gradient norm {grad_norm}; stopping before the update. "
-                                 f"The last good checkpoint in {cfg.output_dir} is untouched: resume from it with "
-                                 "--resume, with a lower --lr or --grad-clip 1.0")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "supervised_tokens": int(n_supervised), "tokens": int(n_tokens),
-                  "tokens_per_s": n_tokens / seconds,
-                  "mfu": work / (seconds * world * peak) if peak else None,
-                  "peak_memory_gb": peak_memory_gb(device), "skipped_samples": int(n_skipped)}
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-        if step % cfg.save_every == 0 or step == total:
-            save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor)
-    bar.close()
-    export_model(model, cfg.output_dir, tokenizer, image_processor, cfg)
-    if rank == 0 and os.path.exists(metrics_path):
-        plot_loss(metrics_path, os.path.join(cfg.output_dir, "loss.png"))
-    dist.barrier()
-    return model
 
 
 def main(argv=None, stage_defaults=None, presets=None, description=None):

@@ -210,7 +210,7 @@ def llava_hf_repo(folder, llava_folder, clip_folder):
     """The LLaVA checkpoint of llava_repo as transformers' convert_llava_weights_to_hf.py converts it."""
     from transformers import AddedToken, AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaProcessor
 
-    from model import read_weights
+    from checkpoints import read_weights
 
     os.makedirs(folder, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(llava_folder)

@@ -10,9 +10,11 @@ from hf_reference import HF_IMAGE_ID, mixed_batch, reference_and_ours
 from PIL import Image
 from safetensors.torch import save_file
 
+import checkpoints
 import generate
 from data import IMAGE_TOKEN_INDEX, ChatFormat, load_image_processor, process_image
-from model import LlavaConfig, LlavaModel, projector_weights
+from checkpoints import projector_weights
+from model import LlavaConfig, LlavaModel
 from tools.convert import export_llava_hf, import_checkpoint
 from tools.tiny import llama_tokenizer, save_tiny_backbones
 
@@ -67,7 +69,7 @@ def original_llava_files(hf, root, out):
 def test_original_llava_layout(reference, tmp_path):
     hf, root = reference
     original_llava_files(hf, root, tmp_path / "llava")
-    model = LlavaModel.from_pretrained(str(tmp_path / "llava"))
+    model = checkpoints.load(str(tmp_path / "llava"))
     assert (model.config.projector_type, model.config.template, model.config.image_aspect_ratio) == \
         ("mlp2x_gelu", "vicuna_v1", "pad")
     assert_same_logits(model, hf)
@@ -81,25 +83,25 @@ def test_original_stage1_projector_with_its_base_llm(reference, tmp_path):
     (stage1 / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
     torch.save(projector, stage1 / "mm_projector.bin")
     with pytest.raises(ValueError, match="pass the base LLM"):
-        LlavaModel.from_pretrained(str(stage1))
-    assert_same_logits(LlavaModel.from_pretrained(str(stage1), model_base=str(root / "llm")), hf)
+        checkpoints.load(str(stage1))
+    assert_same_logits(checkpoints.load(str(stage1), model_base=str(root / "llm")), hf)
 
 
 def test_llava_hf_layouts(reference, tmp_path):
     hf, _ = reference
     hf.save_pretrained(tmp_path / "saved")  # transformers' own on-disk layout
-    assert_same_logits(LlavaModel.from_pretrained(str(tmp_path / "saved")), hf)
+    assert_same_logits(checkpoints.load(str(tmp_path / "saved")), hf)
     (tmp_path / "memory").mkdir()  # the in-memory key layout (model.language_model.*, lm_head) as a checkpoint
     hf.config.save_pretrained(tmp_path / "memory")
     save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "memory" / "model.safetensors")
-    assert_same_logits(LlavaModel.from_pretrained(str(tmp_path / "memory")), hf)
+    assert_same_logits(checkpoints.load(str(tmp_path / "memory")), hf)
     from transformers import CLIPImageProcessorPil
 
     llama_tokenizer().save_pretrained(tmp_path / "saved")  # llava-hf directories carry their tokenizer and processor
     CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
         tmp_path / "saved")
     imported = import_checkpoint(str(tmp_path / "saved"), str(tmp_path / "ours"))
-    assert_same_logits(LlavaModel.from_pretrained(str(tmp_path / "ours")), hf)
+    assert_same_logits(checkpoints.load(str(tmp_path / "ours")), hf)
     assert imported.config.vision_feature_select == "patch"
 
 

@@ -6,6 +6,7 @@ import torch
 from hf_reference import HF_IMAGE_ID, VOCAB, reference_and_ours
 from PIL import Image
 
+import checkpoints
 import generate
 from data import IMAGE_TOKEN_INDEX
 from model import LlavaConfig, LlavaModel
@@ -162,9 +163,9 @@ def test_cli_refuses_bad_input_clearly(checkpoint, args, message, capsys):
 
 def test_stage1_checkpoint_answers_with_the_base_llm(checkpoint, capsys, tmp_path):
     """A projector-only directory (pretrain.py's output): the LLM and its tokenizer come from the config's path."""
-    model = LlavaModel.from_pretrained(str(checkpoint / "model"))
+    model = checkpoints.load(str(checkpoint / "model"))
     model.config.template = "plain"
-    model.save_pretrained(tmp_path, modules=("multi_modal_projector",))
+    checkpoints.save(model, tmp_path, modules=("multi_modal_projector",))
     assert not (tmp_path / "tokenizer.json").exists()
     out = cli(capsys, "--model", str(tmp_path), "--image", str(checkpoint / "red.png"), "--temperature", "0",
               "--max-new-tokens", "5", "ignored by plain")

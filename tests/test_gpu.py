@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import finetune
 import generate
 import real_format as rf
 import train
 from data import IMAGE_TOKEN_INDEX
-from model import LlavaModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (tools/gpu_check.py)")
 
@@ -36,8 +36,8 @@ def batch(model, device):
 
 def test_bf16_logits_and_loss_match_fp32(local):
     device = torch.device("cuda")
-    fp32 = LlavaModel.from_pretrained(local[rf.LLAVA], dtype=torch.float32).to(device).eval()
-    bf16 = LlavaModel.from_pretrained(local[rf.LLAVA], dtype=torch.bfloat16).to(device).eval()
+    fp32 = checkpoints.load(local[rf.LLAVA], dtype=torch.float32).to(device).eval()
+    bf16 = checkpoints.load(local[rf.LLAVA], dtype=torch.bfloat16).to(device).eval()
     ids, pixel_values, labels = batch(fp32, device)
     with torch.no_grad():
         a, b = fp32(ids, None, pixel_values).float(), bf16(ids, None, pixel_values).float()
@@ -66,7 +66,7 @@ def test_fsdp_over_nccl_trains_bf16_like_fp32(local, tmp_path):
 
 def test_compiled_decode_gives_the_eager_tokens(local):
     device = torch.device("cuda")
-    model = LlavaModel.from_pretrained(local[rf.LLAVA], dtype=torch.bfloat16).to(device).eval()
+    model = checkpoints.load(local[rf.LLAVA], dtype=torch.bfloat16).to(device).eval()
     ids, pixel_values, _ = batch(model, device)
     prompt = ids[0, :-1].tolist()
     eager = generate.generate(model, [prompt], pixel_values, max_new_tokens=24)

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from hf_reference import HF_IMAGE_ID, VOCAB, mixed_batch, reference_and_ours
 from tools.tiny import save_tiny_backbones, tiny_llama_config
 
+import checkpoints
 from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from model import LlavaConfig, LlavaModel, Projector, chunked_cross_entropy
+from model import LlavaConfig, LlavaModel, Projector, chunked_cross_entropy, supervised_targets
 
 @pytest.mark.parametrize("select", ["patch", "cls_patch"])
 def test_logits_and_loss_equal_transformers_llava(tmp_path, select):
@@ -20,7 +21,8 @@ def test_logits_and_loss_equal_transformers_llava(tmp_path, select):
     with torch.no_grad():
         expected = hf(input_ids=hf_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels)
         logits = ours(input_ids, attention_mask, pixel_values)
-        loss_sum, n_tokens = ours(input_ids, attention_mask, pixel_values, labels)
+        loss_sum = ours(input_ids, attention_mask, pixel_values, labels)
+    n_tokens = (supervised_targets(input_ids, labels) != IGNORE_INDEX).sum()
     real = attention_mask.bool()
     assert (logits[real] - expected.logits[real]).abs().max() < 1e-5
     assert n_tokens == (labels[:, 1:] != IGNORE_INDEX).sum()
@@ -34,8 +36,9 @@ def test_text_only_batch_and_labels_on_image_positions_are_ignored(tmp_path):
         text_only = ours(input_ids[:1], attention_mask[:1])
         assert text_only.shape == (1, input_ids.shape[1], VOCAB)
         image_labels = torch.where(input_ids == IMAGE_TOKEN_INDEX, torch.zeros_like(labels), labels)
-        assert ours(input_ids, attention_mask, pixel_values, image_labels)[1] == \
-            ours(input_ids, attention_mask, pixel_values, labels)[1]
+        assert torch.equal(ours(input_ids, attention_mask, pixel_values, image_labels),
+                           ours(input_ids, attention_mask, pixel_values, labels))
+    assert torch.equal(supervised_targets(input_ids, image_labels), supervised_targets(input_ids, labels))
 
 
 def test_image_count_mismatch_is_a_clear_error(tmp_path):
@@ -80,8 +83,7 @@ def test_chunked_cross_entropy_equals_the_plain_one():
 def test_frozen_tower_gets_no_gradient_and_projector_does(tmp_path):
     _, ours = reference_and_ours(tmp_path)
     input_ids, attention_mask, labels, pixel_values = mixed_batch(ours.num_image_tokens)
-    loss_sum, n = ours(input_ids, attention_mask, pixel_values, labels)
-    (loss_sum / n).backward()
+    ours(input_ids, attention_mask, pixel_values, labels).backward()
     assert all(p.grad is None for p in ours.vision_tower.parameters())
     assert ours.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
@@ -96,26 +98,26 @@ def logits_of(model, n_tokens):
 def test_save_load_gives_identical_logits(tmp_path, max_shard_bytes):
     _, ours = reference_and_ours(tmp_path)
     out = str(tmp_path / "out")
-    ours.save_pretrained(out, max_shard_bytes=max_shard_bytes)
+    checkpoints.save(ours, out, max_shard_bytes=max_shard_bytes)
     files = sorted(os.listdir(out))
     if max_shard_bytes < 2**20:
         assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
-    loaded = LlavaModel.from_pretrained(out).eval()
+    loaded = checkpoints.load(out).eval()
     assert loaded.config == ours.config
     assert torch.equal(logits_of(loaded, 16), logits_of(ours, 16))
-    ours.save_pretrained(out)  # again, unsharded, into the same directory: no stale shard may survive
+    checkpoints.save(ours, out)  # again, unsharded, into the same directory: no stale shard may survive
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-    assert torch.equal(logits_of(LlavaModel.from_pretrained(out), 16), logits_of(ours, 16))
+    assert torch.equal(logits_of(checkpoints.load(out), 16), logits_of(ours, 16))
 
 
 def test_projector_only_checkpoint_takes_backbones_from_the_config(tmp_path):
     _, ours = reference_and_ours(tmp_path)
     out = str(tmp_path / "stage1")
-    ours.save_pretrained(out, modules=("multi_modal_projector",))
+    checkpoints.save(ours, out, modules=("multi_modal_projector",))
     from safetensors.torch import load_file
 
     assert all(k.startswith("multi_modal_projector.") for k in load_file(os.path.join(out, "model.safetensors")))
-    assert torch.equal(logits_of(LlavaModel.from_pretrained(out), 16), logits_of(ours, 16))
+    assert torch.equal(logits_of(checkpoints.load(out), 16), logits_of(ours, 16))
 
 
 def test_tied_embeddings_and_siglip_tower(tmp_path):
@@ -131,8 +133,8 @@ def test_tied_embeddings_and_siglip_tower(tmp_path):
     with pytest.raises(ValueError, match="no CLS token"):
         LlavaModel.from_config(LlavaConfig(vision_tower=str(tmp_path / "v"), llm=str(tmp_path / "l"),
                                            vision_feature_select="cls_patch"))
-    model.save_pretrained(tmp_path / "out")
-    loaded = LlavaModel.from_pretrained(str(tmp_path / "out"))
+    checkpoints.save(model, tmp_path / "out")
+    loaded = checkpoints.load(str(tmp_path / "out"))
     head, embed = loaded.language_model.get_output_embeddings(), loaded.language_model.get_input_embeddings()
     assert head.weight.data_ptr() == embed.weight.data_ptr()
     assert torch.equal(logits_of(loaded, 16), logits_of(model, 16))
@@ -141,6 +143,6 @@ def test_tied_embeddings_and_siglip_tower(tmp_path):
 def test_loading_a_directory_without_a_projector_fails_clearly(tmp_path):
     vision_dir, llm_dir = save_tiny_backbones(str(tmp_path))
     model = LlavaModel.from_config(LlavaConfig(vision_tower=vision_dir, llm=llm_dir))
-    model.save_pretrained(tmp_path / "out", modules=("language_model",))
+    checkpoints.save(model, tmp_path / "out", modules=("language_model",))
     with pytest.raises(ValueError, match="no projector weights"):
-        LlavaModel.from_pretrained(str(tmp_path / "out"))
+        checkpoints.load(str(tmp_path / "out"))

@@ -155,9 +155,9 @@ def test_the_original_layout_gives_transformers_llavas_logits(local):
     us equals transformers' LlavaForConditionalGeneration reading its llava-hf conversion."""
     from transformers import LlavaForConditionalGeneration
 
-    from model import LlavaModel
+    import checkpoints
 
-    ours = LlavaModel.from_pretrained(local[rf.LLAVA], dtype=torch.float32).eval()
+    ours = checkpoints.load(local[rf.LLAVA], dtype=torch.float32).eval()
     hf = LlavaForConditionalGeneration.from_pretrained(local[rf.LLAVA_HF], dtype=torch.float32).eval()
     assert (ours.config.projector_type, ours.config.vision_feature_layer, ours.config.image_aspect_ratio,
             ours.config.max_length) == ("mlp2x_gelu", -2, "pad", 2048)
@@ -175,9 +175,10 @@ def test_init_from_takes_the_projector_of_every_layout(local, tmp_path):
     """--init-from: LLaVA's full checkpoint, its stage-1 directory or mm_projector.bin (bf16), the llava-hf
     conversion: the same projector (to bf16's precision); a checkpoint without one, or a path that is not there,
     is an error naming it, never a silently fresh projector."""
-    from model import LlavaModel, projector_weights
+    import checkpoints
+    from checkpoints import projector_weights
 
-    reference = LlavaModel.from_pretrained(local[rf.LLAVA]).multi_modal_projector.state_dict()
+    reference = checkpoints.load(local[rf.LLAVA]).multi_modal_projector.state_dict()
     stage1 = local[rf.LLAVA_STAGE1]
     for source in (local[rf.LLAVA], local[rf.LLAVA_HF], stage1, os.path.join(stage1, "mm_projector.bin")):
         weights = projector_weights(source)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import finetune
 import pretrain
 import train
@@ -115,11 +116,11 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path, monkeypatch):
 
 def test_fresh_run_refuses_to_start_over_old_checkpoints(world, tmp_path):
     run(world, tmp_path / "out", max_steps=2)
-    before = {p: os.path.getmtime(p) for p in train.checkpoints(tmp_path / "out")}
+    before = {p: os.path.getmtime(p) for p in train.saved_checkpoints(tmp_path / "out")}
     assert before
     with pytest.raises(ValueError, match="--resume"):
         run(world, tmp_path / "out", max_steps=2)
-    assert {p: os.path.getmtime(p) for p in train.checkpoints(tmp_path / "out")} == before
+    assert {p: os.path.getmtime(p) for p in train.saved_checkpoints(tmp_path / "out")} == before
 
 
 def backbone_weights(world):
@@ -137,7 +138,7 @@ def test_stage1_trains_only_the_projector_and_stage2_never_the_tower(world, tmp_
                                      .model_config()).state_dict()
     assert not torch.equal(stage1["multi_modal_projector.linear_1.weight"], initial["multi_modal_projector.linear_1.weight"])
     # stage 2 starts from stage 1's projector and trains it with the LLM
-    loaded = LlavaModel.from_pretrained(str(tmp_path / "s1"))
+    loaded = checkpoints.load(str(tmp_path / "s1"))
     assert torch.equal(loaded.state_dict()["multi_modal_projector.linear_2.weight"],
                        stage1["multi_modal_projector.linear_2.weight"])
     stage2 = run(world, tmp_path / "s2", init_from=str(tmp_path / "s1"))
@@ -153,7 +154,9 @@ def test_tiny_model_overfits_one_batch(world, tmp_path):
         max_steps=150, lr=5e-3, warmup_ratio=0.0)
     curve = losses(tmp_path / "fit")
     assert curve[-1] < 0.1 * curve[0], curve
-    assert os.path.getsize(tmp_path / "fit" / "loss.png") > 0
+    rows = [json.loads(line) for line in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
+    with_image = sum("image" in d for d in data)
+    assert {(r["samples"], r["image_samples"], r["images"]) for r in rows} == {(4, with_image, with_image)}
 
 
 def test_crash_during_a_checkpoint_write_keeps_the_previous_one(world, tmp_path, monkeypatch):
@@ -170,10 +173,10 @@ def test_crash_during_a_checkpoint_write_keeps_the_previous_one(world, tmp_path,
     with pytest.raises(OSError, match="disk full"):
         run(world, tmp_path / "out", max_steps=4, save_every=2)
     monkeypatch.setattr(train.dcp, "save", save)
-    assert [os.path.basename(c) for c in train.checkpoints(str(tmp_path / "out"))] == ["checkpoint-000002"]
-    LlavaModel.from_pretrained(str(tmp_path / "out" / "checkpoint-000002"))
+    assert [os.path.basename(c) for c in train.saved_checkpoints(str(tmp_path / "out"))] == ["checkpoint-000002"]
+    checkpoints.load(str(tmp_path / "out" / "checkpoint-000002"))
     run(world, tmp_path / "out", max_steps=4, save_every=2, resume=True)
-    assert [os.path.basename(c) for c in train.checkpoints(str(tmp_path / "out"))] == \
+    assert [os.path.basename(c) for c in train.saved_checkpoints(str(tmp_path / "out"))] == \
         ["checkpoint-000002", "checkpoint-000004"]
 
 

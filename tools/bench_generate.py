@@ -31,7 +31,7 @@ def build(size, dtype, device):
     the real backbones' configs (tools/real_configs/)."""
     from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from model import LlavaModel, from_transformers_llava
+    from checkpoints import from_transformers_llava
     from tools.memory import CLIP_L_336, LLMS
 
     if size in LLMS:
@@ -44,7 +44,7 @@ def build(size, dtype, device):
     with torch.device(device):
         hf = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=31999))
     hf = hf.to(dtype).eval()
-    return hf, from_transformers_llava(LlavaModel, hf).eval()
+    return hf, from_transformers_llava(hf).eval()
 
 
 def timed(fn, device):

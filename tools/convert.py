@@ -6,7 +6,7 @@
     python tools/convert.py export runs/toy/finetune out/toy-hf                            # ours -> llava-hf
 
 `import` writes our layout (config.json + safetensors + tokenizer + image processor), which generate.py, evaluate.py
-and finetune.py --init-from read; LlavaModel.from_pretrained also reads the source layouts directly. `export` writes
+and finetune.py --init-from read; checkpoints.load also reads the source layouts directly. `export` writes
 a directory that transformers' LlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained load:
 `<image>` added to the tokenizer (and the embeddings grown by a row), image_token_index, image_seq_length,
 vision_feature_layer and vision_feature_select_strategy set, and LLaVA's pad-to-square kept in the image processor.
@@ -23,13 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data import load_tokenizer_and_processor  # noqa: E402
-from model import LlavaModel, params_on_meta  # noqa: E402
+import checkpoints  # noqa: E402
+from model import params_on_meta  # noqa: E402
 
 
 def import_checkpoint(source, out, model_base=None):
-    model = LlavaModel.from_pretrained(source, model_base=model_base)
+    model = checkpoints.load(source, model_base=model_base)
     tokenizer, processor = load_tokenizer_and_processor(source, model.config)
-    model.save_pretrained(out)
+    checkpoints.save(model, out)
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
     return model
@@ -90,7 +91,7 @@ def main(argv=None):
     if args.direction == "import":
         import_checkpoint(args.source, args.out, args.model_base)
     else:
-        model = LlavaModel.from_pretrained(args.source)
+        model = checkpoints.load(args.source)
         tokenizer, processor = load_tokenizer_and_processor(args.source, model.config)
         export_llava_hf(model, tokenizer, processor, args.out)
     print(f"{args.direction}ed {args.source} -> {args.out}")

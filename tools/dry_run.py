@@ -145,11 +145,14 @@ def _integer_indices(indices):
 def build(size, stage, mode, load=False):
     """train.build_model with fake parameters; with load, also its rank-0 half of the weight broadcast
     (set_model_state_dict(broadcast_from_rank0=True)) from a fake full state dict standing in for the weights."""
+    import finetune
+    import pretrain
     import train
     from model import LlavaModel
     from tools.memory import CLIP_L_336, LLMS
 
-    cfg = train.TrainConfig(vision_tower=CLIP_L_336, llm=LLMS[size], train_llm=stage == 2)
+    recipe = finetune.STAGE_2 if stage == 2 else pretrain.STAGE_1
+    cfg = train.TrainConfig(**{**recipe, "vision_tower": CLIP_L_336, "llm": LLMS[size]})
     model = train.empty_sharded_model(cfg)
     with mode:  # building inside the mode fails (to_empty cannot swap fake parameters in); materializing works
         train.materialize(model, torch.device("cpu"))
@@ -223,7 +226,7 @@ def dry_run(size, stage=2, world=8, text_tokens=100, load=False, steps=("image",
         for name in steps:
             first, t0 = len(mode.collectives), time.perf_counter()
             mode.phase = "counts"
-            n_supervised, *_ = train.global_counts([batches[name]], flops, torch.device("cpu"))
+            n_supervised = train.global_counts([batches[name]], flops, torch.device("cpu"))["supervised_tokens"]
             loss, grad_norm = train.forward_backward(model, [batches[name]], n_supervised, trainable, cfg.grad_clip,
                                                      torch.device("cpu"))
             mode.phase = "optimizer"

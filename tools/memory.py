@@ -38,9 +38,10 @@ def fake_world(world_size):
 
 
 def build_sharded(size):
+    import finetune
     import train
 
-    cfg = train.TrainConfig(vision_tower=CLIP_L_336, llm=LLMS[size], train_llm=True)
+    cfg = train.TrainConfig(**{**finetune.STAGE_2, "vision_tower": CLIP_L_336, "llm": LLMS[size]})
     return train.empty_sharded_model(cfg), cfg
 
 
@@ -83,7 +84,8 @@ def measure(model, cfg, micro_batch, seq_len, device, steps=3):
     import time
 
     import train
-    from data import IMAGE_TOKEN_INDEX
+    from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    from model import supervised_targets
 
     train.materialize(model, device)
     with torch.no_grad():
@@ -99,8 +101,8 @@ def measure(model, cfg, micro_batch, seq_len, device, steps=3):
     torch.cuda.reset_peak_memory_stats(device)
     for _ in range(steps):
         start = time.perf_counter()
-        ce, n = model(ids, None, pixels, labels)
-        (ce / n).backward()
+        n = (supervised_targets(ids, labels) != IGNORE_INDEX).sum()
+        (model(ids, None, pixels, labels) / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device)

@@ -92,12 +92,13 @@ def save_tiny_backbones(root, vision_config=None, llama_config=None, tokenizer=N
 def save_tiny_checkpoint(root):
     """A checkpoint laid out as finetune.py writes one (projector + LLM weights, the tokenizer; the tower referenced by
     path), on tiny random backbones saved next to it. Returns its directory."""
+    import checkpoints
     from model import LlavaConfig, LlavaModel
 
     tokenizer = llama_tokenizer()
     vision, llm = save_tiny_backbones(str(root), tokenizer=tokenizer)
     out = os.path.join(str(root), "model")
-    LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm)).save_pretrained(
-        out, modules=("multi_modal_projector", "language_model"))
+    checkpoints.save(LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm)), out,
+                     modules=("multi_modal_projector", "language_model"))
     tokenizer.save_pretrained(out)
     return out
