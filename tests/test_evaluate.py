@@ -1,5 +1,6 @@
-"""evaluate.py: published LLaVA-1.5 numbers from its released answers, every scoring rule on hand-made fixtures, the
-judge client against a loopback server, and `run` end to end with resume."""
+"""evaluate.py: published LLaVA-1.5 numbers from its released answers and reviews (vendored in tests/data/llava_eval, see
+its README), every scoring rule on hand-made fixtures, the judge client against a loopback server, and `run` end to
+end with resume."""
 
 import http.server
 import json
@@ -12,11 +13,8 @@ from PIL import Image
 import evaluate
 from tools.tiny import save_tiny_checkpoint
 
-# LLaVA-1.5's released answers and reviews: ../shared/eval_reference beside the checkout (as in CI), or the folder
-# named by LLAVA_EVAL_REFERENCE.
-REF = os.environ.get("LLAVA_EVAL_REFERENCE") or os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "eval_reference")
-assert os.path.isdir(REF), f"LLaVA's released evaluation files are not at {REF}; set LLAVA_EVAL_REFERENCE"
+# LLaVA-1.5's released ScienceQA answers and LLaVA-Bench reviews, from haotian-liu/LLaVA's eval.zip
+REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "llava_eval")
 
 
 def write_jsonl(path, rows):
