@@ -1,22 +1,23 @@
-"""evaluate.py: published LLaVA-1.5 numbers from its released answers, every scoring rule on hand-made fixtures, the
-judge client against a loopback server, and `run` end to end with resume."""
+"""evaluate.py, benchmarks.py, judge.py: published LLaVA-1.5 numbers from its released answers and reviews (vendored in
+tests/data/llava_eval, see its README), every scoring rule on hand-made fixtures, each benchmark's own flags, the judge
+client against a loopback server, and `run` end to end with resume."""
 
 import http.server
 import json
 import os
+import re
 import threading
 
 import pytest
 from PIL import Image
 
+import benchmarks
 import evaluate
+import judge
 from tools.tiny import save_tiny_checkpoint
 
-# LLaVA-1.5's released answers and reviews: ../shared/eval_reference beside the checkout (as in CI), or the folder
-# named by LLAVA_EVAL_REFERENCE.
-REF = os.environ.get("LLAVA_EVAL_REFERENCE") or os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "eval_reference")
-assert os.path.isdir(REF), f"LLaVA's released evaluation files are not at {REF}; set LLAVA_EVAL_REFERENCE"
+# LLaVA-1.5's released ScienceQA answers and LLaVA-Bench reviews, from haotian-liu/LLaVA's eval.zip
+REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "llava_eval")
 
 
 def write_jsonl(path, rows):
@@ -32,7 +33,8 @@ def test_scienceqa_img_of_llava_1_5_13b_is_71_64(tmp_path):
     metrics = evaluate.main(["score", "scienceqa", "--questions", f"{REF}/scienceqa/llava_test_CQM-A.json",
                              "--answers", f"{REF}/scienceqa/llava-v1.5-13b_answers.jsonl", "--out",
                              str(tmp_path / "m.json")])
-    assert (metrics["img_correct"], metrics["img_total"], metrics["correct"], metrics["total"]) == (1445, 2017, 3155, 4241)
+    counts = (metrics["img_correct"], metrics["img_total"], metrics["correct"], metrics["total"])
+    assert counts == (1445, 2017, 3155, 4241)
     assert round(metrics["img_accuracy"], 2) == 71.64 and json.loads((tmp_path / "m.json").read_text()) == metrics
 
 
@@ -49,14 +51,16 @@ def test_llava_bench_in_the_wild_relative_scores(size, runs, mean, tmp_path):
 
 
 def test_judge_score_parsing_is_llavas():
-    assert [evaluate.parse_review(t) for t in ["8 6\nwhy", "7.5 9", "9,9\n", "9, 9\n", "8  6", "Score: 8 6", "8"]] == \
+    assert [judge.parse_review(t) for t in ["8 6\nwhy", "7.5 9", "9,9\n", "9, 9\n", "8  6", "Score: 8 6", "8"]] == \
         [[8, 6], [7.5, 9], [9, 9], [-1, -1], [-1, -1], [-1, -1], [-1, -1]]  # split on single spaces, as LLaVA
 
 
 def test_scienceqa_letter_extraction():
-    assert [evaluate.sqa_letter(t) for t in ["B", "C. a cat", "The answer is D.", "I think so. The answer is A. Yes",
-                                             "The answer is A. The answer is B.", "b", "F", "C.cat", ""]] == \
+    assert [benchmarks.sqa_letter(t) for t in ["B", "C. a cat", "The answer is D.", "I think so. The answer is A. Yes",
+                                               "The answer is A. The answer is B.", "b", "F", "C.cat", ""]] == \
         ["B", "C", "D", "A", None, None, None, None, None]
+    # tools/toy_world.py reads the two rules through evaluate
+    assert evaluate.sqa_letter is benchmarks.sqa_letter and evaluate.pope_says_yes is benchmarks.pope_says_yes
 
 
 @pytest.mark.parametrize("raw,normalized", [
@@ -66,13 +70,13 @@ def test_scienceqa_letter_extraction():
     ("e-mail address", "e mail address"), ("a - b", "b"), ("@home", "home"),
 ])
 def test_evalai_answer_normalisation(raw, normalized):
-    assert evaluate.normalize_answer(raw) == normalized
+    assert benchmarks.normalize_answer(raw) == normalized
 
 
 @pytest.mark.parametrize("agree,score", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
 def test_vqa_soft_accuracy_by_number_of_agreeing_humans(agree, score):
     humans = ["two"] * agree + [f"other {i}" for i in range(10 - agree)]
-    assert abs(evaluate.soft_accuracy("2", humans) - score) < 1e-9
+    assert abs(benchmarks.soft_accuracy("2", humans) - score) < 1e-9
 
 
 def test_vqa_textvqa_and_vqav2_annotations(tmp_path):
@@ -82,18 +86,18 @@ def test_vqa_textvqa_and_vqav2_annotations(tmp_path):
     answers = write_jsonl(tmp_path / "a.jsonl", [
         {"question_id": "img1", "prompt": "What brand?\nReference OCR token: nike, air\nAnswer the question using a "
                                           "single word or phrase.", "text": "nike"}])
-    metrics = evaluate.score_vqa(answers, str(tmp_path / "t.json"))
+    metrics = benchmarks.score_vqa(answers, str(tmp_path / "t.json"))
     assert metrics["missing"] == 1 and abs(metrics["accuracy"] - 100 * 0.9 / 2) < 1e-9
     vqav2 = {"annotations": [{"question_id": 7, "answers": [{"answer": "two"}] * 2 + [{"answer": "3"}] * 8}]}
     (tmp_path / "v.json").write_text(json.dumps(vqav2))
     answers = write_jsonl(tmp_path / "b.jsonl", [{"question_id": 7, "prompt": "How many?", "text": "Two."}])
-    assert abs(evaluate.score_vqa(answers, str(tmp_path / "v.json"))["accuracy"] - 60) < 1e-9
+    assert abs(benchmarks.score_vqa(answers, str(tmp_path / "v.json"))["accuracy"] - 60) < 1e-9
 
 
 def test_pope_rule_and_per_split_pairing(tmp_path):
-    assert [evaluate.pope_says_yes(t) for t in ["Yes", "No", "No, there is not.", "There is no dog.",
-                                                "Yes. There is no cat.", "Nope", "not sure", "Yes, it is there."]] == \
-        [True, False, False, False, True, True, False, True]
+    texts = ["Yes", "No", "No, there is not.", "There is no dog.", "Yes. There is no cat.", "Nope", "not sure",
+             "Yes, it is there."]
+    assert [benchmarks.pope_says_yes(t) for t in texts] == [True, False, False, False, True, True, False, True]
     suffix = "\nAnswer the question using a single word or phrase."
     questions, labels, answers = [], {"random": [], "popular": []}, []
     rows = [("random", "a.jpg", "Is there a dog in the image?", "yes", "Yes"),
@@ -110,9 +114,9 @@ def test_pope_rule_and_per_split_pairing(tmp_path):
     (tmp_path / "labels").mkdir()
     for split, rows_ in labels.items():
         write_jsonl(tmp_path / "labels" / f"coco_pope_{split}.json", rows_)
-    metrics = evaluate.score_pope(write_jsonl(tmp_path / "q.jsonl", questions),
-                                  write_jsonl(tmp_path / "a.jsonl", answers[::-1]),  # order does not matter here
-                                  str(tmp_path / "labels"))
+    metrics = benchmarks.score_pope(write_jsonl(tmp_path / "q.jsonl", questions),
+                                    write_jsonl(tmp_path / "a.jsonl", answers[::-1]),  # order does not matter here
+                                    str(tmp_path / "labels"))
     r, p = metrics["splits"]["random"], metrics["splits"]["popular"]
     assert (r["tp"], r["fp"], r["tn"], r["fn"]) == (1, 1, 1, 1) and metrics["missing"] == 1
     assert (r["accuracy"], r["precision"], r["recall"], r["f1"], r["yes_ratio"]) == (50, 50, 50, 50, 50)
@@ -123,8 +127,9 @@ def test_pope_rule_and_per_split_pairing(tmp_path):
 def test_mme_acc_plus_counts_images_with_both_answers_right(tmp_path):
     root = tmp_path / "MME"
     (root / "color").mkdir(parents=True)
-    (root / "color" / "1.txt").write_text("Is it red? Please answer yes or no.\tYes\nIs it blue? Please answer yes or no.\tNo\n")
-    (root / "color" / "2.txt").write_text("Is it red? Please answer yes or no.\tNo\nIs it blue? Please answer yes or no.\tYes\n")
+    red, blue = "Is it red? Please answer yes or no.", "Is it blue? Please answer yes or no."
+    (root / "color" / "1.txt").write_text(f"{red}\tYes\n{blue}\tNo\n")
+    (root / "color" / "2.txt").write_text(f"{red}\tNo\n{blue}\tYes\n")
     (root / "code_reasoning" / "questions_answers_YN").mkdir(parents=True)
     (root / "code_reasoning" / "questions_answers_YN" / "7.txt").write_text(
         "Does it print 2? Please answer yes or no.\tYes\nDoes it print 3? Please answer yes or no.\tNo\n")
@@ -135,21 +140,22 @@ def test_mme_acc_plus_counts_images_with_both_answers_right(tmp_path):
     questions = [{"question_id": f"{img}-{i}", "image": img, "text": text + suffix, "category": img.split("/")[0]}
                  for i, (img, text, _) in enumerate(q)]
     answers = [{"question_id": f"{img}-{i}", "prompt": text, "text": a} for i, (img, text, a) in enumerate(q)]
-    metrics = evaluate.score_mme(write_jsonl(tmp_path / "q.jsonl", questions), write_jsonl(tmp_path / "a.jsonl", answers),
-                                 str(root))
+    metrics = benchmarks.score_mme(write_jsonl(tmp_path / "q.jsonl", questions),
+                                   write_jsonl(tmp_path / "a.jsonl", answers), str(root))
     assert metrics["subtasks"]["color"] == {"acc": 75.0, "acc_plus": 50.0, "score": 125.0}
     assert metrics["subtasks"]["code_reasoning"] == {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}
     assert (metrics["perception"], metrics["cognition"]) == (125.0, 50.0)
-    assert [evaluate.mme_label(t) for t in ["Yes.", "NO", "n", "yes, it is", "Not really", "maybe"]] == \
+    assert [benchmarks.mme_label(t) for t in ["Yes.", "NO", "n", "yes, it is", "Not really", "maybe"]] == \
         ["yes", "no", "no", "yes", "no", "other"]
 
 
 def test_gqa_lowercases_and_strips_the_trailing_period(tmp_path):
     (tmp_path / "gqa.json").write_text(json.dumps({"1": {"answer": "yes"}, "2": {"answer": "left"},
                                                    "3": {"answer": "table"}}))
-    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": "1", "text": "Yes."}, {"question_id": "2", "text": "Left"},
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": "1", "text": "Yes."},
+                                                 {"question_id": "2", "text": "Left"},
                                                  {"question_id": "3", "text": "the table"}])
-    metrics = evaluate.score_gqa(answers, str(tmp_path / "gqa.json"))
+    metrics = benchmarks.score_gqa(answers, str(tmp_path / "gqa.json"))
     assert (metrics["correct"], metrics["n"]) == (2, 3)
 
 
@@ -161,9 +167,10 @@ def test_unknown_missing_and_malformed_answers(tmp_path, capsys):
     questions = f"{REF}/scienceqa/llava_test_CQM-A.json"
     unknown = write_jsonl(tmp_path / "u.jsonl", [{"question_id": "no-such-question", "text": "A"}])
     with pytest.raises(SystemExit, match="1 answers to questions not in the question file"):
-        evaluate.main(["score", "scienceqa", "--questions", questions, "--answers", unknown, "--out", str(tmp_path / "m")])
+        evaluate.main(["score", "scienceqa", "--questions", questions, "--answers", unknown,
+                       "--out", str(tmp_path / "m")])
     few = write_jsonl(tmp_path / "f.jsonl", [{"question_id": "4", "text": "B"}])
-    metrics = evaluate.score_scienceqa(questions, few)
+    metrics = benchmarks.score_scienceqa(questions, few)
     assert metrics["missing"] == 4240 and metrics["correct"] == 1 and "4240 of 4241" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"question_id": "4", "text": "B"}\n{"question_id": "5", "text": \n')
     with pytest.raises(SystemExit, match="bad.jsonl: malformed JSON on line 2"):
@@ -171,16 +178,56 @@ def test_unknown_missing_and_malformed_answers(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The command line: a sub-command per benchmark, each with its own flags
+
+BENCHMARK_FLAGS = {
+    "scienceqa": {"--questions", "--answers"},
+    "pope": {"--questions", "--answers", "--labels"},
+    "vqa": {"--answers", "--annotations"},
+    "gqa": {"--answers", "--annotations"},
+    "mme": {"--questions", "--answers", "--mme-root"},
+    "llava_bench": {"--reviews", "--questions", "--context", "--reference", "--answers", "--rules", "--runs",
+                    "--reviews-dir", "--judge-endpoint", "--judge-model", "--judge-key-env", "--judge-retries",
+                    "--judge-backoff"},
+}
+
+
+@pytest.mark.parametrize("name", BENCHMARK_FLAGS)
+def test_score_help_lists_only_that_benchmarks_flags(name, capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["score", name, "--help"])  # what `python evaluate.py score NAME --help` runs
+    help_text = capsys.readouterr().out
+    assert exit.value.code == 0 and help_text.startswith(f"usage: evaluate.py score {name} ")
+    assert set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", help_text)) == BENCHMARK_FLAGS[name] | {"--help", "--out"}
+
+
+def test_score_knows_every_benchmark_and_rejects_what_it_does_not(capsys):
+    assert set(benchmarks.BENCHMARKS) == set(BENCHMARK_FLAGS)  # a new benchmark: add its flags above
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["score", "nosuch", "--answers", "a.jsonl"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "invalid choice: 'nosuch'" in err and all(f"'{n}'" in err for n in BENCHMARK_FLAGS)
+    with pytest.raises(SystemExit) as exit:  # another benchmark's flag
+        evaluate.main(["score", "scienceqa", "--questions", "q.json", "--answers", "a.jsonl", "--labels", "dir"])
+    assert exit.value.code == 2 and "unrecognized arguments: --labels dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:  # a required flag left out
+        evaluate.main(["score", "pope", "--questions", "q.jsonl", "--answers", "a.jsonl"])
+    assert exit.value.code == 2 and "the following arguments are required: --labels" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="missing: --context, --reference"):  # neither reviews nor a judge's inputs
+        evaluate.main(["score", "llava_bench", "--questions", "q.jsonl", "--answers", "a.jsonl"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The judge client, against a loopback server that speaks chat completions
 
 
-class Judge(http.server.BaseHTTPRequestHandler):
+class ChatServer(http.server.BaseHTTPRequestHandler):
     replies, requests = [], []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        Judge.requests.append({"path": self.path, "auth": self.headers["Authorization"], "body": body})
-        status, content = Judge.replies.pop(0)
+        ChatServer.requests.append({"path": self.path, "auth": self.headers["Authorization"], "body": body})
+        status, content = ChatServer.replies.pop(0)
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -193,10 +240,10 @@ class Judge(http.server.BaseHTTPRequestHandler):
 
 
 def test_llava_bench_judge_layout_parsing_and_retries(tmp_path, monkeypatch, capsys):
-    server = http.server.HTTPServer(("127.0.0.1", 0), Judge)
+    server = http.server.HTTPServer(("127.0.0.1", 0), ChatServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    Judge.requests.clear()
-    Judge.replies[:] = [(503, ""), (200, "8 6\nAssistant 2 misses the dog."), (200, "I cannot rate this."),
+    ChatServer.requests.clear()
+    ChatServer.replies[:] = [(503, ""), (200, "8 6\nAssistant 2 misses the dog."), (200, "I cannot rate this."),
                         (200, "9,9\nBoth fine.")]
     questions = write_jsonl(tmp_path / "q.jsonl", [
         {"question_id": 0, "image": "x.jpg", "text": "What is here?", "category": "conv"},
@@ -210,18 +257,18 @@ def test_llava_bench_judge_layout_parsing_and_retries(tmp_path, monkeypatch, cap
     monkeypatch.setenv("SECRET_KEY_VAR", "sk-test-123")
     metrics = evaluate.main(["score", "llava_bench", "--questions", questions, "--context", context, "--reference",
                              reference, "--answers", answers, "--runs", "1", "--reviews-dir", str(tmp_path / "rev"),
-                             "--judge-endpoint", f"http://127.0.0.1:{server.server_port}/v1", "--judge-model", "judge-1",
-                             "--judge-key-env", "SECRET_KEY_VAR", "--judge-backoff", "0.01"])
+                             "--judge-endpoint", f"http://127.0.0.1:{server.server_port}/v1", "--judge-model",
+                             "judge-1", "--judge-key-env", "SECRET_KEY_VAR", "--judge-backoff", "0.01"])
     server.shutdown()
-    assert len(Judge.requests) == 4 and "retrying" in capsys.readouterr().err  # the 503 was retried
-    first = Judge.requests[1]
+    assert len(ChatServer.requests) == 4 and "retrying" in capsys.readouterr().err  # the 503 was retried
+    first = ChatServer.requests[1]
     assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test-123"
     assert first["body"]["model"] == "judge-1" and first["body"]["temperature"] == 0.2
-    assert first["body"]["messages"][0] == {"role": "system", "content": evaluate.JUDGE_SYSTEM}
+    assert first["body"]["messages"][0] == {"role": "system", "content": judge.JUDGE_SYSTEM}
     assert first["body"]["messages"][1]["content"] == (
         "[Context]\nA dog on grass.\n\n[Question]\nWhat is here?\n\n[Assistant 1]\ngpt4 says 0\n\n[End of Assistant 1]"
-        f"\n\n[Assistant 2]\nmodel says 0\n\n[End of Assistant 2]\n\n[System]\n{evaluate.JUDGE_RULE}\n\n")
-    assert "[Context]\nLine one.\nLine two.\n\n" in Judge.requests[3]["body"]["messages"][1]["content"]
+        f"\n\n[Assistant 2]\nmodel says 0\n\n[End of Assistant 2]\n\n[System]\n{judge.JUDGE_RULE}\n\n")
+    assert "[Context]\nLine one.\nLine two.\n\n" in ChatServer.requests[3]["body"]["messages"][1]["content"]
     reviews = [json.loads(line) for line in open(tmp_path / "rev" / "a-eval1.jsonl")]
     assert [r["tuple"] for r in reviews] == [[8, 6], [-1, -1], [9, 9]]  # unparseable: [-1, -1], kept in the means
     assert metrics["mean"]["all"] == round(100 * (6 - 1 + 9) / (8 - 1 + 9), 1)

@@ -1,0 +1,141 @@
+"""How LLaVA-Bench is judged: a GPT-4 judge compares the model's answer with GPT-4's own, and scores both from 1 to 10.
+
+    python evaluate.py score llava_bench --questions questions.jsonl --context context.jsonl \\
+        --reference answers_gpt4.jsonl --answers llava_bench.jsonl --runs 3 --reviews-dir reviews/
+
+This is LLaVA's llava/eval/eval_gpt_review_bench.py, written against any OpenAI-compatible /chat/completions endpoint
+with the standard library alone. For each question the judge sees the image's human-written description (the
+"context"; the judge never sees the image), the question, GPT-4's reference answer as Assistant 1 and the model's as
+Assistant 2, and the rule of the question's category (llava/eval/table/rule.json, llava_bench_{conv,detail,complex}).
+It replies with a line "score1 score2" and an explanation. LLaVA's settings: gpt-4-0314, temperature 0.2, at most 1024
+new tokens. A run writes one review file in LLaVA's format {id, question_id, answer1_id, answer2_id, category, content,
+tuple}; benchmarks.py turns the reviews into the relative score (llava/eval/summarize_gpt_review.py).
+
+The API key is read from an environment variable (--judge-key-env) and only ever sent in the Authorization header:
+it is not printed, logged or written to any file.
+"""
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from data import DataError, read_samples
+
+JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+# LLaVA's llava/eval/table/rule.json, llava_bench_{conv,detail,complex}; --rules reads the file itself.
+JUDGE_RULE = ("We would like to request your feedback on the performance of two AI assistants in response to the user "
+              "question displayed above. The user asks the question on observing an image. For your reference, the "
+              "visual content in the image is represented with a few sentences describing the image. \nPlease rate "
+              "the helpfulness, relevance, accuracy, level of details of their responses. Each assistant receives an "
+              "overall score on a scale of 1 to 10, where a higher score indicates better overall performance.\n"
+              "Please first output a single line containing only two values indicating the scores for Assistant 1 "
+              "and 2, respectively. The two scores are separated by a space.\nIn the subsequent line, please provide a "
+              "comprehensive explanation of your evaluation, avoiding any potential bias and ensuring that the order "
+              "in which the responses were presented does not affect your judgment.")
+
+
+def parse_review(content):
+    """LLaVA's parse_score: the first line, commas as spaces, split on single spaces; exactly two numbers, else
+    [-1, -1] (which then stays in the means, as in LLaVA)."""
+    parts = content.split("\n")[0].replace(",", " ").split(" ")
+    try:
+        return [float(parts[0]), float(parts[1])] if len(parts) == 2 else [-1.0, -1.0]
+    except ValueError:
+        return [-1.0, -1.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The client
+
+
+def chat_completion(messages, endpoint, model, api_key, temperature=0.2, max_tokens=1024, retries=5, backoff=2.0,
+                    timeout=120):
+    """One reply from an OpenAI-compatible /chat/completions endpoint, standard library only. Retries connection
+    errors, 429 and 5xx with exponential back-off (a judge run is hundreds of requests; one busy minute should not lose
+    it). Other HTTP errors (a wrong key, a wrong model name) fail at once: retrying cannot fix them."""
+    body = json.dumps({"model": model, "messages": messages, "temperature": temperature,
+                       "max_tokens": max_tokens}).encode()
+    request = urllib.request.Request(endpoint.rstrip("/") + "/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.load(response)["choices"][0]["message"]["content"]
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500:
+                raise RuntimeError(f"judge endpoint {endpoint} answered HTTP {e.code}: {e.read()[:300]!r}") from None
+            problem = f"HTTP {e.code}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            problem = str(getattr(e, "reason", e))
+        if attempt < retries:
+            print(f"judge: {problem}; retrying in {backoff * 2 ** attempt:.0f} s", file=sys.stderr)
+            time.sleep(backoff * 2 ** attempt)
+    raise RuntimeError(f"judge endpoint {endpoint}: still failing after {retries} retries ({problem})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Judging LLaVA-Bench
+
+
+def review_prompt(caption, question, reference, answer, rule):
+    """The user message, laid out exactly as eval_gpt_review_bench.py does (the judge was never tuned to another)."""
+    role = rule["role"]
+    return (f"[Context]\n{chr(10).join(caption) if isinstance(caption, list) else caption}\n\n"
+            f"[Question]\n{question}\n\n"
+            f"[{role} 1]\n{reference}\n\n[End of {role} 1]\n\n"
+            f"[{role} 2]\n{answer}\n\n[End of {role} 2]\n\n"
+            f"[System]\n{rule['prompt']}\n\n")
+
+
+def judge_llava_bench(args, run):
+    """One judge run over the --questions: a review line per question, GPT-4's reference as Assistant 1. Writes
+    --reviews-dir/<answers file>-eval<run>.jsonl and returns its path."""
+    questions = read_samples(args.questions)[0]
+    context = {c["image"]: c["caption"] for c in read_samples(args.context)[0]}
+    reference = {str(a["question_id"]): a for a in read_samples(args.reference)[0]}
+    answers = {str(a["question_id"]): a for a in read_samples(args.answers)[0]}
+    rules = json.load(open(args.rules)) if args.rules else {}
+    key = os.environ.get(args.judge_key_env, "")
+    if not key:
+        raise SystemExit(f"the judge needs an API key in the environment variable {args.judge_key_env}")
+    reviews = []
+    for i, q in enumerate(questions):
+        qid = str(q["question_id"])
+        if qid not in reference or qid not in answers:
+            raise DataError(f"question {qid}: no {'reference' if qid not in reference else 'model'} answer")
+        rule = rules.get(f"llava_bench_{q['category']}", {"prompt": JUDGE_RULE, "role": "Assistant"})
+        content = review_prompt(context[q["image"]], q["text"], reference[qid]["text"], answers[qid]["text"], rule)
+        reply = chat_completion([{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}],
+                                args.judge_endpoint, args.judge_model, key, retries=args.judge_retries,
+                                backoff=args.judge_backoff)
+        reviews.append({"id": i + 1, "question_id": q["question_id"],
+                        "answer1_id": reference[qid].get("answer_id", q["question_id"]),
+                        "answer2_id": answers[qid].get("answer_id"), "category": f"llava_bench_{q['category']}",
+                        "content": reply, "tuple": parse_review(reply)})
+    os.makedirs(args.reviews_dir, exist_ok=True)
+    path = os.path.join(args.reviews_dir, f"{os.path.basename(args.answers).rsplit('.', 1)[0]}-eval{run}.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in reviews)
+    return path
+
+
+def add_flags(p):
+    """The flags judge_llava_bench reads, as one group of `score llava_bench`'s help."""
+    g = p.add_argument_group("judging (when there are no --reviews yet)")
+    g.add_argument("--questions", help="LLaVA-Bench's questions.jsonl")
+    g.add_argument("--context", help="context.jsonl: each image's description, which the judge reads")
+    g.add_argument("--reference", help="GPT-4's answers (answers_gpt4.jsonl), shown as Assistant 1")
+    g.add_argument("--answers", help="the model's answers (from `evaluate.py run`), shown as Assistant 2")
+    g.add_argument("--rules", help="LLaVA's llava/eval/table/rule.json (default: its rule, built in)")
+    g.add_argument("--runs", type=int, default=3, help="judge runs; LLaVA reports the mean of 3")
+    g.add_argument("--reviews-dir", default="reviews", help="where each run's review file goes")
+    g.add_argument("--judge-endpoint", default=os.environ.get("JUDGE_ENDPOINT", "https://api.openai.com/v1"),
+                   help="an OpenAI-compatible API base URL (default: $JUDGE_ENDPOINT or OpenAI's)")
+    g.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", "gpt-4-0314"),
+                   help="LLaVA's judge was gpt-4-0314; another judge gives other numbers")
+    g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="the environment variable holding the key")
+    g.add_argument("--judge-retries", type=int, default=5)
+    g.add_argument("--judge-backoff", type=float, default=2.0, help="seconds before the first retry, doubled each time")
