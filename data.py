@@ -4,7 +4,8 @@
     sample = dataset[0]       # {"id", "input_ids", "labels", "pixel_values"}
     batch = collate([dataset[i] for i in range(4)], pad_id=fmt.pad_id)
 
-The facts this file is faithful to are in ../shared/reference/llava.md (sections 2-4):
+The facts this file is faithful to are in docs/llava.md, sections 2-4 (haotian-liu/LLaVA llava/train/train.py,
+llava/conversation.py, llava/mm_utils.py):
 - the JSON schema (a list, or JSON lines) of {"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}]};
 - `<image>` moves to the start of its turn, followed by "\n" (LLaVA's preprocess_multimodal);
 - the templates: `plain` (stage 1), `vicuna_v1` (stage 2 and every LLaVA-1.5 benchmark), `llama_2` (llava_llama_2),

@@ -5,8 +5,9 @@
 
 Conversations in the `vicuna_v1` template, with only the assistant replies supervised; images padded to square with
 the CLIP mean colour; batches grouped by modality and length; lr 2e-5, global batch 128, one epoch over
-llava_v1_5_mix665k (reference/llava.md section 5.1). The projector starts from stage 1's output (--init-from: our
-pretrain.py output directory, or the original LLaVA's mm_projector.bin). The loop itself is train.py's.
+llava_v1_5_mix665k (docs/llava.md section 5.1; haotian-liu/LLaVA scripts/v1_5/finetune.sh). The projector starts
+from stage 1's output (--init-from: our pretrain.py output directory, or the original LLaVA's mm_projector.bin).
+The loop itself is train.py's.
 """
 
 import train

@@ -5,9 +5,9 @@
 
 The model reads an image and writes its caption: the `plain` template drops the instruction ("<image>" + caption +
 "\\n"), images are centre-cropped (LLaVA-1.5's pretraining script passed no --image_aspect_ratio), lr 1e-3, global
-batch 256, one epoch over LAION/CC/SBU-558K (reference/llava.md section 5.1). The output directory holds the
-projector (config.json + model.safetensors; the backbones are referenced by path), which finetune.py starts from.
-The loop itself is train.py's.
+batch 256, one epoch over LAION/CC/SBU-558K (docs/llava.md section 5.1; haotian-liu/LLaVA scripts/v1_5/pretrain.sh).
+The output directory holds the projector (config.json + model.safetensors; the backbones are referenced by path),
+which finetune.py starts from. The loop itself is train.py's.
 """
 
 import train

@@ -490,7 +490,7 @@ def load_checkpoint(model, optimizer, path, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Metrics: MFU (FLOPs as docs/performance.md section 1 counts them), memory, the log
+# Metrics: MFU (FLOPs as docs/performance.md section 3 counts them), memory, the log
 
 
 class MetricsLog:

@@ -1,4 +1,5 @@
-"""Tiny models and tokenizers built offline from configs, shared by the tests (../shared/reference/platform.md)."""
+"""Tiny models and tokenizers built offline from configs (tools/tiny.py), shared by the tests; no test touches the
+network."""
 
 import os
 import sys

@@ -76,7 +76,7 @@ def test_history_ids_equal_the_generation_prompt(name, tokenizer, template, requ
 
 
 def test_vicuna_v1_string_is_llavas(llama_tok):
-    """The exact training string of reference/llava.md section 3.2."""
+    """The exact training string of docs/llava.md section 3.2."""
     messages = parse_conversation(conv("<image>\nWhat is in the image?", "A cat on a mat."), 1, "x")
     assert render("vicuna_v1", messages, llama_tok) == (
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -87,7 +87,7 @@ def test_vicuna_v1_string_is_llavas(llama_tok):
 
 
 def original_preprocess_v1(text, tok):
-    """LLaVA's preprocess_v1 label algorithm (reference/llava.md 3.4), non-legacy branch, one placeholder per image:
+    """LLaVA's preprocess_v1 label algorithm (docs/llava.md 3.4), non-legacy branch, one placeholder per image:
     render, split on "</s>" and " ASSISTANT: ", re-tokenize the pieces and mask by counted lengths."""
     def tokenize(s):  # tokenizer_image_token
         chunks = [tok(c).input_ids for c in s.split("<image>")]

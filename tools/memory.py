@@ -9,7 +9,7 @@ frozen tower replicated in bf16 outside FSDP, bf16 compute over fp32 master weig
 it is rank 0 of 8 (torch's fake process group: collectives do nothing). Counting the local shards gives the exact
 per-rank size of the sharded state. With --measure the rank also allocates its shards on the GPU, runs forward,
 backward and AdamW on a batch of real shapes, and reports torch.cuda.max_memory_allocated: what one of 8 real GPUs
-would hold (the gathered weights are garbage, the memory is real). Arithmetic follows reference/performance.md
+would hold (the gathered weights are garbage, the memory is real). Arithmetic follows docs/performance.md
 section 5.
 """
 
