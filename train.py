@@ -519,7 +519,9 @@ class MetricsLog:
         self.bar.close()
 
 
-PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+# Dense bf16 peaks (docs/performance.md section 1), matched against torch.cuda.get_device_name in this order: the
+# PCIe and NVL H100s ("NVIDIA H100 PCIe", "NVIDIA H100 NVL") before the SXM one ("NVIDIA H100 80GB HBM3").
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12}
 
 
 def peak_flops(device):
