@@ -15,6 +15,7 @@ temperature 0.2, 512 new tokens (reference/llava.md section 6); benchmarks use g
 """
 
 import argparse
+import inspect
 import sys
 
 import torch
@@ -146,6 +147,10 @@ class Decoder:
 
     def __init__(self, model):
         self.llm = model.language_model
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40);
+        # 5.17 to 5.23, which requirements.txt allows, know only the old name and would silently ignore `cache`.
+        names = inspect.signature(self.llm.base_model.forward).parameters
+        self.cache_name = "cache" if "cache" in names else "past_key_values"
 
     def prefill(self, embeds, mask, length):
         self.mask, self.cache = mask, DynamicCache(config=self.llm.config)
@@ -157,8 +162,8 @@ class Decoder:
 
     def logits(self, embeds, mask, position_ids):
         """`embeds` appended to what the cache holds -> the next-token logits of the last position."""
-        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                  past_key_values=self.cache, use_cache=True)
+        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                                  **{self.cache_name: self.cache})
         return self.llm.get_output_embeddings()(out.last_hidden_state[:, -1])
 
 

@@ -1,6 +1,8 @@
 """generate.py: greedy equals transformers' generate, batching and the KV cache change nothing, sampling is seeded
 and restricted as asked, and the CLI answers, streams and refuses bad input clearly."""
 
+import warnings
+
 import pytest
 import torch
 from hf_reference import HF_IMAGE_ID, VOCAB, reference_and_ours
@@ -91,6 +93,18 @@ def test_static_cache_decoding_equals_the_dynamic_cache(models):
             generate.generate(ours, batch, pixel_values, max_new_tokens=10, **kw)
     assert generate.generate(ours, batch[1:2], pixel_values[:1], max_new_tokens=10, decoder=static) == \
         generate.generate(ours, batch[1:2], pixel_values[:1], max_new_tokens=10)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_generation_uses_no_deprecated_transformers_api(models, static):
+    """transformers announces an API's removal with a FutureWarning or DeprecationWarning; here they are errors."""
+    _, ours = models
+    batch, pixel_values = prompts(ours.num_image_tokens, seed=7)
+    decoder = generate.StaticDecoder(ours, compile=False) if static else generate.Decoder(ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        generate.generate(ours, batch, pixel_values, max_new_tokens=3, decoder=decoder)
 
 
 def test_sampling_is_reproducible_from_its_seed(models):
