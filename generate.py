@@ -1,6 +1,6 @@
 """How it answers: greedy and sampled generation over a KV cache, batched, and a streaming chat CLI.
 
-    python generate.py --model runs/toy/finetune --image runs/toy/world/images/0000.png "What shape is on the left?"
+    python generate.py --model runs/toy/finetune --image runs/toy/world/images/00000.png "What shape is on the left?"
     python generate.py --model runs/toy/finetune --image photo.jpg --chat      # multi-turn; /image PATH, /reset, /quit
     python generate.py --model DIR --image photo.jpg --compile "Describe it."  # static KV cache + torch.compile
 
@@ -10,8 +10,9 @@ DynamicCache, which grows a column per step; or, with --compile, StaticDecoder o
 whole answer, so that every step has the same shapes and one compiled step serves them all (gpt-fast's recipe for
 GPUs). Greedy when temperature is 0, else temperature, top-k and top-p sampling from a seeded generator. Each sequence
 stops at EOS or at a stop string on its own. Prompts come from data.ChatFormat, the code that builds training samples,
-so the generation prompt is exactly the training prefix (it ends with "ASSISTANT:" for vicuna_v1). LLaVA's defaults:
-temperature 0.2, 512 new tokens (reference/llava.md section 6); benchmarks use greedy.
+so the generation prompt is exactly the training prefix (it ends with "ASSISTANT:" for vicuna_v1). LLaVA's defaults
+(llava/serve/cli.py and llava/eval/run_llava.py in haotian-liu/LLaVA): temperature 0.2, 512 new tokens; benchmarks use
+greedy.
 """
 
 import argparse

@@ -5,8 +5,9 @@
 
 Random weights with the real shapes; batch 1; a prompt of one image + `--text-tokens` text tokens; greedy; EOS
 ignored so both write exactly --new-tokens tokens. Reports time to first token (prefill + first token), decode
-tokens/s (the tokens after the first), and on a GPU the fraction of the memory-bandwidth roofline (bf16 LLM weights
-+ KV cache read once per token, reference/performance.md section 6). Median of --repeats runs after a warm-up.
+tokens/s (the tokens after the first), and on a GPU the fraction of the memory-bandwidth roofline (each token reads
+the LLM's weights and the KV cache once, so tokens/s can reach at most bandwidth / those bytes). Median of --repeats
+runs after a warm-up.
 """
 
 import argparse
