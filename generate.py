@@ -1,21 +1,26 @@
-"""How it answers: KV-cached greedy and sampled generation, batched, and a streaming chat CLI.
+"""How it answers: greedy and sampled generation over a KV cache, batched, and a streaming chat CLI.
 
-    python generate.py --model runs/toy/finetune --image runs/toy/world/images/0000.png "What shape is on the left?"
+    python generate.py --model runs/toy/finetune --image runs/toy/world/images/00000.png "What shape is on the left?"
     python generate.py --model runs/toy/finetune --image photo.jpg --chat      # multi-turn; /image PATH, /reset, /quit
     python generate.py --model DIR --image photo.jpg --compile "Describe it."  # static KV cache + torch.compile
 
-One prefill runs the prompts (left-padded, image features spliced in) through the LLM and fills its KV cache; then each
-step feeds one new token per sequence. Greedy when temperature is 0, else temperature, top-k and top-p sampling from a
-seeded generator. Each sequence stops at EOS or at a stop string on its own. Prompts come from data.ChatFormat, the code
-that builds training samples, so the generation prompt is exactly the training prefix (it ends with "ASSISTANT:" for
-vicuna_v1). LLaVA's defaults: temperature 0.2, 512 new tokens (reference/llava.md section 6); benchmarks use greedy.
+generate() is one loop: a prefill runs the prompts (left-padded, image features spliced in) through the LLM and fills
+its KV cache, then each step feeds one new token per sequence. A decoder does those two: Decoder over transformers'
+DynamicCache, which grows a column per step; or, with --compile, StaticDecoder over a StaticCache preallocated for the
+whole answer, so that every step has the same shapes and one compiled step serves them all (gpt-fast's recipe for
+GPUs). Greedy when temperature is 0, else temperature, top-k and top-p sampling from a seeded generator. Each sequence
+stops at EOS or at a stop string on its own. Prompts come from data.ChatFormat, the code that builds training samples,
+so the generation prompt is exactly the training prefix (it ends with "ASSISTANT:" for vicuna_v1). LLaVA's defaults
+(llava/serve/cli.py and llava/eval/run_llava.py in haotian-liu/LLaVA): temperature 0.2, 512 new tokens; benchmarks use
+greedy.
 """
 
 import argparse
-import os
+import inspect
 import sys
 
 import torch
+from transformers import DynamicCache, StaticCache
 
 from data import IMAGE_TOKEN, ChatFormat, DataError, load_image, load_tokenizer_and_processor, process_image
 import checkpoints
@@ -66,15 +71,13 @@ def next_tokens(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 @torch.no_grad()
 def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=0.0, top_k=None, top_p=None,
-             seed=None, eos_ids=(), pad_id=0, stop_strings=(), tokenizer=None, use_cache=True, on_token=None,
-             static=False):
+             seed=None, eos_ids=(), pad_id=0, stop_strings=(), tokenizer=None, on_token=None, decoder=None):
     """New token ids for each prompt (lists of input ids with IMAGE_TOKEN_INDEX placeholders), EOS excluded.
 
     pixel_values holds the images of all prompts, in order. A sequence ends at an id in eos_ids, or when its decoded
     text contains a stop string (then the ids up to it are kept; needs `tokenizer`). on_token(i, token_id) is called
-    for every new token of sequence i (streaming). use_cache=False recomputes the whole sequence at every step (the
-    reference the KV cache must agree with). static=True decodes over a preallocated KV cache with fixed shapes, one
-    compiled step per token (see compiled_step): gpt-fast's recipe for GPUs.
+    for every new token of sequence i (streaming). decoder: Decoder(model) unless given, e.g. a StaticDecoder(model)
+    (--compile) built once for many calls.
     """
     device = model.multi_modal_projector.linear_1.weight.device
     batch, width = len(prompts), max(len(p) for p in prompts)
@@ -95,39 +98,10 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
         pixel_values = pixel_values.to(device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None and temperature > 0 else None
     eos_ids = set(eos_ids)
-    head, embed_tokens = model.language_model.get_output_embeddings(), model.language_model.get_input_embeddings()
+    decoder = Decoder(model) if decoder is None else decoder
 
-    def forward(embeds, mask, cache):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
-        out = model.language_model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                              past_key_values=cache, use_cache=cache is not None)
-        return head(out.last_hidden_state[:, -1]), out.past_key_values
-
-    prompt_embeds = model.embed(ids, pixel_values)
-    cache = None
-    if static:
-        # Fixed shapes for every decode step: the cache and the mask span the whole budget from the start (the prompt
-        # length rounded up, so prompts of similar length share one compiled step); unfilled columns stay masked.
-        from transformers import StaticCache
-
-        length = -(-(width + max_new_tokens) // 128) * 128
-        cache = StaticCache(config=model.language_model.config, max_cache_len=length)
-        full_mask = torch.zeros((batch, length), dtype=mask.dtype, device=device)
-        full_mask[:, :width] = mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model.language_model.base_model(inputs_embeds=prompt_embeds, attention_mask=full_mask,
-                                              position_ids=positions, past_key_values=cache, use_cache=True,
-                                              cache_position=torch.arange(width, device=device))
-        logits, decode = head(out.last_hidden_state[:, -1]), compiled_step(model)
-        position = positions[:, -1:]
-    elif use_cache:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.language_model.config)
-    if not static:
-        logits, cache = forward(prompt_embeds, mask, cache)
+    logits = decoder.prefill(model.embed(ids, pixel_values), mask, width + max_new_tokens)
     new, finished = [[] for _ in range(batch)], [False] * batch
-    all_embeds = prompt_embeds
     for step in range(max_new_tokens):
         token = next_tokens(logits, temperature, top_k, top_p, generator)
         for i, t in enumerate(token.tolist()):
@@ -143,41 +117,8 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
                 finished[i] = True
         if all(finished) or step == max_new_tokens - 1:
             break
-        token = token.masked_fill(torch.tensor(finished, device=device), pad_id)  # finished rows just idle
-        if static:
-            column = width + step
-            full_mask[:, column] = 1
-            position = position + 1
-            logits = decode(token[:, None], position, torch.tensor([column], device=device), full_mask, cache).clone()
-            continue
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-        step_embeds = embed_tokens(token[:, None])
-        if use_cache:
-            logits, cache = forward(step_embeds, mask, cache)
-        else:
-            all_embeds = torch.cat([all_embeds, step_embeds], dim=1)
-            logits, _ = forward(all_embeds, mask, None)
+        logits = decoder.step(token.masked_fill(torch.tensor(finished, device=device), pad_id))  # finished rows idle
     return [trim_at_stop(seq, stop_strings, tokenizer) for seq in new]
-
-
-_COMPILED = {}
-
-
-def compiled_step(model):
-    """One decoding step (a token per sequence -> next-token logits) over a StaticCache, compiled once per model with
-    mode="reduce-overhead" (CUDA graphs on a GPU). COMPILE=0 in the environment runs it eagerly (tests)."""
-    if model not in _COMPILED:
-        llm = model.language_model
-
-        def step(token, position, cache_position, mask, cache):
-            out = llm.base_model(inputs_embeds=llm.get_input_embeddings()(token), attention_mask=mask,
-                                 position_ids=position, cache_position=cache_position, past_key_values=cache,
-                                 use_cache=True)
-            return llm.get_output_embeddings()(out.last_hidden_state[:, -1])
-
-        compile_it = os.environ.get("COMPILE", "1") != "0"
-        _COMPILED[model] = torch.compile(step, mode="reduce-overhead", dynamic=False) if compile_it else step
-    return _COMPILED[model]
 
 
 def trim_at_stop(ids, stop_strings, tokenizer):
@@ -188,6 +129,78 @@ def trim_at_stop(ids, stop_strings, tokenizer):
         if any(s in tokenizer.decode(ids[:n]) for s in stop_strings):
             return ids[:n - 1]
     return ids
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoders: the LLM over a KV cache, in the two steps the loop needs
+
+
+def positions(mask):
+    """Position ids from the attention mask: each row counts its own tokens, so left padding shifts nothing."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class Decoder:
+    """What generate() drives: prefill(embeds, mask, length) runs the prompts and returns the next-token logits (B, V)
+    of their last position (`length`: prompt and new tokens, what the cache must hold); step(token) appends one token
+    per sequence and returns the next logits. This one keeps the KV cache in transformers' DynamicCache, which grows a
+    column per step: any shapes, eager."""
+
+    def __init__(self, model):
+        self.llm = model.language_model
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40);
+        # 5.17 to 5.23, which requirements.txt allows, know only the old name and would silently ignore `cache`.
+        names = inspect.signature(self.llm.base_model.forward).parameters
+        self.cache_name = "cache" if "cache" in names else "past_key_values"
+
+    def prefill(self, embeds, mask, length):
+        self.mask, self.cache = mask, DynamicCache(config=self.llm.config)
+        return self.logits(embeds, mask, positions(mask))
+
+    def step(self, token):
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(token), 1))], dim=1)
+        return self.logits(self.llm.get_input_embeddings()(token[:, None]), self.mask, positions(self.mask)[:, -1:])
+
+    def logits(self, embeds, mask, position_ids):
+        """`embeds` appended to what the cache holds -> the next-token logits of the last position."""
+        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                                  **{self.cache_name: self.cache})
+        return self.llm.get_output_embeddings()(out.last_hidden_state[:, -1])
+
+
+class StaticDecoder(Decoder):
+    """--compile: a StaticCache preallocated for the whole answer and an attention mask as long, unfilled columns
+    masked, so every step has the same shapes and one compiled step serves them all. Build one and pass it to every
+    generate() call: the compiled step, and the cache while the batch and length stay, are kept from call to call.
+    compile=False runs the same step eagerly (the CPU tests: compiling costs a minute there)."""
+
+    def __init__(self, model, compile=True):
+        super().__init__(model)
+        self.cache, self.shape, self.one_token = None, None, self.token_logits
+        if compile:  # mode="reduce-overhead": CUDA graphs on a GPU, the whole step replayed as one launch
+            self.one_token = torch.compile(self.token_logits, mode="reduce-overhead", dynamic=False)
+
+    def prefill(self, embeds, mask, length):
+        batch, width = mask.shape
+        length = -(-length // 128) * 128  # rounded up: prompts of similar length share one cache and compiled step
+        if self.shape == (batch, length):
+            self.cache.reset()  # in place: a CUDA graph holds the addresses of its tensors
+        else:
+            self.cache, self.shape = StaticCache(config=self.llm.config, max_cache_len=length), (batch, length)
+        self.mask = mask.new_zeros((batch, length))
+        self.mask[:, :width] = mask
+        self.column, prompt_positions = width, positions(mask)
+        self.position = prompt_positions[:, -1:]
+        return self.logits(embeds, self.mask, prompt_positions)  # eager: prompts come in all lengths
+
+    def step(self, token):
+        self.mask[:, self.column] = 1
+        self.column, self.position = self.column + 1, self.position + 1
+        # clone: a CUDA graph writes its output into the same memory at every replay
+        return self.one_token(token[:, None], self.position, self.mask).clone()
+
+    def token_logits(self, token, position_ids, mask):
+        return self.logits(self.llm.get_input_embeddings()(token), mask, position_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,7 +240,7 @@ def first_turn(question, n_images):
 # Command line
 
 
-def chat(model, fmt, processor, args):
+def chat(model, fmt, processor, decoder, args):
     """A multi-turn conversation on stdin/stdout, streaming each reply as it is generated."""
     images, messages = [args.image] if args.image else [], []
     print("Chat with the model. /image PATH starts over with another image, /reset forgets, /quit ends.", flush=True)
@@ -266,7 +279,7 @@ def chat(model, fmt, processor, args):
 
         reply = answer(model, fmt, [messages], pixel_values, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                       on_token=stream, static=args.compile)[0]
+                       on_token=stream, decoder=decoder)[0]
         print(flush=True)
         messages.append({"role": "assistant", "content": reply})
 
@@ -295,13 +308,14 @@ def main(argv=None):
         if not args.chat and not (args.prompt or "").strip():
             raise ValueError("an empty prompt: pass a question, or --chat")
         model, fmt, processor = load(args.model, dtype, device)
+        decoder = StaticDecoder(model) if args.compile else Decoder(model)
         if args.chat:
-            return chat(model, fmt, processor, args)
+            return chat(model, fmt, processor, decoder, args)
         pixel_values = prepare_images([args.image] if args.image else [], processor, model.config.image_aspect_ratio)
         messages = [{"role": "user", "content": first_turn(args.prompt, 0 if pixel_values is None else 1)}]
         print(answer(model, fmt, [messages], pixel_values, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                     static=args.compile)[0])
+                     decoder=decoder)[0])
     except (DataError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

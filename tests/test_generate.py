@@ -1,6 +1,8 @@
 """generate.py: greedy equals transformers' generate, batching and the KV cache change nothing, sampling is seeded
 and restricted as asked, and the CLI answers, streams and refuses bad input clearly."""
 
+import warnings
+
 import pytest
 import torch
 from hf_reference import HF_IMAGE_ID, VOCAB, reference_and_ours
@@ -46,8 +48,30 @@ def test_each_sequence_of_a_batch_equals_generating_it_alone(models):
     batch, pixel_values = prompts(ours.num_image_tokens, seed=1)
     together = generate.generate(ours, batch, pixel_values, max_new_tokens=10)
     images = [pixel_values[:0], pixel_values[:1], pixel_values[1:]]
-    alone = [generate.generate(ours, [p], im if len(im) else None, max_new_tokens=10)[0] for p, im in zip(batch, images)]
+    alone = [generate.generate(ours, [p], im if len(im) else None, max_new_tokens=10)[0]
+             for p, im in zip(batch, images)]
     assert together == alone
+
+
+class Recompute:
+    """The reference the KV caches must agree with: no cache, the whole sequence through the LLM at every step."""
+
+    def __init__(self, model):
+        self.llm = model.language_model
+
+    def prefill(self, embeds, mask, length):
+        self.embeds, self.mask = embeds, mask
+        return self.logits()
+
+    def step(self, token):
+        self.embeds = torch.cat([self.embeds, self.llm.get_input_embeddings()(token[:, None])], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        return self.logits()
+
+    def logits(self):
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        return self.llm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=positions,
+                        use_cache=False).logits[:, -1]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -56,18 +80,32 @@ def test_kv_cache_equals_recomputing_every_step(models, temperature):
     batch, pixel_values = prompts(ours.num_image_tokens, seed=2)
     kw = dict(max_new_tokens=10, temperature=temperature, seed=7)
     assert generate.generate(ours, batch, pixel_values, **kw) == \
-        generate.generate(ours, batch, pixel_values, use_cache=False, **kw)
+        generate.generate(ours, batch, pixel_values, decoder=Recompute(ours), **kw)
 
 
-def test_static_cache_decoding_equals_the_dynamic_cache(models, monkeypatch):
-    """--compile's path (StaticCache, fixed-shape steps), run eagerly here: compiling costs a minute on a CPU."""
-    monkeypatch.setenv("COMPILE", "0")
-    monkeypatch.setattr(generate, "_COMPILED", {})
+def test_static_cache_decoding_equals_the_dynamic_cache(models):
+    """--compile's path (StaticCache, fixed-shape steps), run eagerly here: compiling costs a minute on a CPU. One
+    decoder for all calls, as the CLI holds it: its cache is reset for a batch of the same shape, remade for another."""
     _, ours = models
     batch, pixel_values = prompts(ours.num_image_tokens, seed=6)
+    static = generate.StaticDecoder(ours, compile=False)
     for kw in (dict(), dict(temperature=1.0, seed=3)):
-        assert generate.generate(ours, batch, pixel_values, max_new_tokens=10, static=True, **kw) == \
+        assert generate.generate(ours, batch, pixel_values, max_new_tokens=10, decoder=static, **kw) == \
             generate.generate(ours, batch, pixel_values, max_new_tokens=10, **kw)
+    assert generate.generate(ours, batch[1:2], pixel_values[:1], max_new_tokens=10, decoder=static) == \
+        generate.generate(ours, batch[1:2], pixel_values[:1], max_new_tokens=10)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_generation_uses_no_deprecated_transformers_api(models, static):
+    """transformers announces an API's removal with a FutureWarning or DeprecationWarning; here they are errors."""
+    _, ours = models
+    batch, pixel_values = prompts(ours.num_image_tokens, seed=7)
+    decoder = generate.StaticDecoder(ours, compile=False) if static else generate.Decoder(ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        generate.generate(ours, batch, pixel_values, max_new_tokens=3, decoder=decoder)
 
 
 def test_sampling_is_reproducible_from_its_seed(models):
