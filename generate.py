@@ -22,8 +22,8 @@ import sys
 import torch
 from transformers import DynamicCache, StaticCache
 
-from data import IMAGE_TOKEN, ChatFormat, DataError, load_image, load_tokenizer_and_processor, process_image
 import checkpoints
+from data import IMAGE_TOKEN, ChatFormat, DataError, load_image, load_tokenizer_and_processor, process_image
 
 
 # ----------------------------------------------------------------------------------------------------------------------
