@@ -7,13 +7,13 @@ Each argument is a run's output directory (its metrics.jsonl is read) or a metri
 optimizer step with at least "step" and "loss", and, where train.py wrote them, "samples" and "image_samples" (the
 global batch's sample count and how many of those have an image). Each run gets its own panel, side by side:
 
-- the loss of every step is a thin light line; over it, in bold, its exponential moving average (debiased). Steps
-  whose batch held no image are left out of the average: a text-only reply's loss is another quantity, and early in
-  stage 2 it sits far above the rest, which the average would turn into bumps that read as instability.
+- the loss of each step is a thin light line; over it, in bold, its exponential moving average (debiased), where an
+  isolated spike weighs no more than an ordinary noisy step.
 - the y range follows the loss's running median, not its extremes, so a few spikes do not squash the curve into the
-  bottom of the panel. What falls outside is drawn on the edge, with a triangle, so nothing is hidden.
-- steps whose batch was text-only are marked with a dot, mostly-text ones (under half the samples with an image) with
-  a ring.
+  bottom of the panel. What falls outside is drawn on the edge, marked by a triangle outside it: nothing is hidden.
+- a step whose batch was text-only is a dot, not joined into the line nor counted in the average or the range: the
+  loss on text-only replies is another quantity, early in stage 2 far above the rest, and joined in it would draw
+  spikes that read as instability. A mostly-text step (under half the samples with an image) is marked with a ring.
 """
 
 import argparse
@@ -156,21 +156,15 @@ def nice_ticks(lo, hi, count=5, min_step=0.0):
 
 
 def load_font(size):
+    """Pillow's built-in scalable font (Pillow >= 10.1 built with FreeType, as its wheels are): no font file needed."""
     from PIL import ImageFont
 
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
-    except TypeError:
-        return ImageFont.load_default()
+    return ImageFont.load_default(size=size)
 
 
 def tint(color, amount):
     """`color` mixed with white: amount 0 is the colour, 1 is white."""
     return tuple(round(c + (255 - c) * amount) for c in color)
-
-
-def text_width(draw, text, font):
-    return draw.textlength(text, font=font)
 
 
 def draw_vertical_text(canvas, center, text, font, fill):
@@ -203,11 +197,11 @@ def draw_legend(draw, entries, box, font, s):
     x0, y0, x1 = box
     x, y, line = x0, y0, font.size + 6 * s
     for symbol, color, text in entries:
-        width = 22 * s + text_width(draw, text, font) + 16 * s
+        width = 22 * s + draw.textlength(text, font=font) + 16 * s
         if x > x0 and x + width > x1:
             x, y = x0, y + line
         cy = y + line // 2
-        if symbol == "run":  # the light line a step's loss is, and the bold one its average is
+        if symbol == "run":  # a light line (the loss of each step) under a bold one (its average)
             draw.line([(x, cy + 3 * s), (x + 18 * s, cy - 3 * s)], fill=tint(color, 0.55), width=s)
             draw.line([(x, cy), (x + 18 * s, cy)], fill=color, width=2 * s)
         else:
@@ -255,11 +249,13 @@ def draw_panel(draw, box, label, panel, color, font, s):
     ticks, decimals = nice_ticks(lo, hi)
     for v in ticks:
         y = xy(first, v)[1]
-        draw.line([(x0, y), (x1, y)], fill=GRID, width=s)
+        if y0 + 2 * s < y < y1 - 2 * s:  # not a second line beside the frame
+            draw.line([(x0, y), (x1, y)], fill=GRID, width=s)
         draw.text((x0 - 6 * s, y), f"{v:.{decimals}f}", fill=INK, font=font, anchor="rm")
     for v in nice_ticks(first, last, min_step=1)[0]:
         x = xy(v, lo)[0]
-        draw.line([(x, y0), (x, y1)], fill=GRID, width=s)
+        if x0 + 2 * s < x < x1 - 2 * s:
+            draw.line([(x, y0), (x, y1)], fill=GRID, width=s)
         draw.text((x, y1 + 10 * s), f"{v:.0f}", fill=INK, font=font, anchor="mt")
     draw.rectangle((x0, y0, x1, y1), outline=FRAME, width=s)
 
@@ -282,9 +278,9 @@ def draw_panel(draw, box, label, panel, color, font, s):
 
     # the title: as much of it as fits
     n_text, title = kinds.count("text"), label
-    for part in (f" \u00b7 {len(steps)} steps", f" \u00b7 {n_text} text-only" if n_text else "",
+    for part in (f" \u00b7 {len(steps)} step{'s' * (len(steps) > 1)}", f" \u00b7 {n_text} text-only" if n_text else "",
                  f" \u00b7 averaged over ~{panel['span']}" if panel["span"] > 1 else ""):
-        if text_width(draw, title + part, font) <= x1 - x0:
+        if draw.textlength(title + part, font=font) <= x1 - x0:
             title += part
     draw.text((x0, y0 - 10 * s), title, fill=color, font=font, anchor="ld")
 
