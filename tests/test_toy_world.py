@@ -4,20 +4,27 @@ bar it reaches only by looking at the pictures: counting the shapes, which the s
 do. (Colour and shape need a longer run; the README has the full run's numbers.)"""
 
 import json
-import os
 
 from tools import toy_world
 
 
 def test_toy_world_runs_end_to_end_and_learns_to_count(tmp_path, capsys):
     rows = toy_world.main(["--quick", "--out", str(tmp_path), "--test-images", "30"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "world: CLIP (contrastive)" in err and "world: LLM (text only)" in err  # progress while backbones train
     assert set(rows) == {"finished model", "blind (blank picture)", "after stage 1 only"}
     assert all(set(scores) == set(toy_world.CHANCE) for scores in rows.values())
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     for stage in ("pretrain", "finetune"):
-        assert os.path.getsize(tmp_path / stage / "loss.png") > 0
         assert (tmp_path / stage / "model.safetensors").exists()
+    with open(tmp_path / "loss.png", "rb") as f:  # both stages' curves in one chart, and the run says where
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert f"loss curves of both stages: {tmp_path}/loss.png" in out
+    for backbone in ("vision", "llm"):  # every special token inside the vocabulary (CLIP's defaults are OpenAI's)
+        config = json.loads((tmp_path / "world" / backbone / "config.json").read_text())
+        text = config.get("text_config", config)
+        ids = [v for k, v in text.items() if k.endswith("_token_id") and isinstance(v, int)]
+        assert ids and all(0 <= i < text["vocab_size"] for i in ids), (backbone, text)
     for answers in tmp_path.glob("answers-*.jsonl"):
         lines = [json.loads(line) for line in answers.read_text().splitlines()]
         assert len(lines) == 180 and all(set(a) >= {"question_id", "prompt", "text", "answer_id"} for a in lines)

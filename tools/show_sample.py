@@ -5,8 +5,9 @@
         --tokenizer lmsys/vicuna-7b-v1.5 --vision-tower openai/clip-vit-large-patch14-336 --index 0 3 17
 
 Supervised tokens (the ones the loss sees) print in green and between [[ ]]; a run of image placeholders prints as
-<image x N>. Use it to check a custom data file and template before training: the green text must be exactly the
-replies and their end token.
+<image x N>, N read from the vision tower's config as model.py counts it ((image_size // patch_size)^2 patches, 576
+for CLIP-L/14-336), or --image-tokens N. Use it to check a custom data file and template before training: the green
+text must be exactly the replies and their end token.
 """
 
 import argparse
@@ -40,6 +41,20 @@ def toy_inputs(folder):
     return os.path.join(folder, "toy.json"), folder, llm_dir, vision_dir
 
 
+def image_tokens_of(vision_tower):
+    """Placeholders per image for a CLIP-like tower: one per patch, as LlavaModel.num_image_tokens counts them with
+    its default vision_feature_select="patch" (the CLS token dropped). Only config.json is read (or fetched from the
+    hub), never the weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(vision_tower)
+    config = getattr(config, "vision_config", config)  # a full CLIP checkpoint: its vision half
+    if not (hasattr(config, "image_size") and hasattr(config, "patch_size")):
+        raise ValueError(f"{vision_tower}: its config has no image_size and patch_size to count patches from; "
+                         "pass --image-tokens")
+    return (config.image_size // config.patch_size) ** 2
+
+
 def show(tokenizer, ids, labels, color):
     green, reset = ("\033[32m", "\033[0m") if color else ("", "")
     out, i = [], 0
@@ -65,7 +80,8 @@ def main(argv=None):
     p.add_argument("--vision-tower", help="the vision tower's directory or hub id (for its image processor)")
     p.add_argument("--template", default="vicuna_v1", choices=TEMPLATES)
     p.add_argument("--image-aspect-ratio", default="pad", choices=["pad", "crop"])
-    p.add_argument("--image-tokens", type=int, default=576, help="placeholders per image (576 for CLIP-L/14-336)")
+    p.add_argument("--image-tokens", type=int, default=None, help="placeholders per image (default: the vision "
+                   "tower's patch count, 576 for CLIP-L/14-336; 576 without --vision-tower)")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--index", type=int, nargs="+", default=[0])
     p.add_argument("--no-color", action="store_true")
@@ -76,7 +92,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:
             args.data, args.image_folder, args.tokenizer, args.vision_tower = toy_inputs(tmp)
-            args.image_tokens = 4
+        if args.image_tokens is None:
+            args.image_tokens = image_tokens_of(args.vision_tower) if args.vision_tower else 576
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         processor = load_image_processor(args.vision_tower) if args.vision_tower else None
         fmt = ChatFormat(tokenizer, args.template, args.image_tokens)

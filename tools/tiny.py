@@ -1,7 +1,8 @@
 """Tiny backbones built offline from configs: a CLIP vision tower, a Llama, and two small trained tokenizers.
 
-Used by the tests and by tools/show_sample.py; they are ordinary transformers directories, loaded by model.py and
-data.py exactly like real ones (see ../shared/reference/platform.md for the recipes).
+Used by the tests and by tools/show_sample.py; they are ordinary transformers directories (config.json, weights,
+tokenizer and image-processor files, as save_pretrained writes them), loaded by model.py and data.py exactly like real
+ones. Nothing is downloaded: the tokenizers are trained here on a few sentences, the models' weights are random.
 """
 
 import json
@@ -34,7 +35,9 @@ def llama_tokenizer(vocab_size=600, corpus=CORPUS):
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     specials = ["<unk>", "<s>", "</s>", "<pad>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tok.train_from_iterator(list(corpus) * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    # show_progress=False: the trainer's bars print only blank lines when the output is not a terminal
+    tok.train_from_iterator(list(corpus) * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                   show_progress=False))
     merges = [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
     return LlamaTokenizerFast(vocab=tok.get_vocab(), merges=merges, unk_token="<unk>", bos_token="<s>",
                               eos_token="</s>", add_bos_token=True, padding_side="right")
@@ -50,7 +53,7 @@ def chatml_tokenizer(vocab_size=400):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                  padding_side="right")
     hf.chat_template = CHATML

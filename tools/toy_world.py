@@ -13,7 +13,7 @@
 3. Stage 1 (pretrain.py --preset toy) and stage 2 (finetune.py --preset toy): the code paths of the 7B recipe.
 4. evaluate.py on the held-out questions for the finished model, the same model shown a blank picture (the blind
    baseline) and the model after stage 1 only; generate.py answers one question. A table of accuracy per question
-   type, and the loss curves as PNG.
+   type, and both stages' loss curves in one PNG (tools/plot_loss.py), OUT/loss.png.
 """
 
 import argparse
@@ -170,17 +170,21 @@ def train_tokenizer(texts):
     return llama_tokenizer(vocab_size=300 + 4 * len(words), corpus=texts)
 
 
-def fit(model, steps, lr, lr_scale, batch_loss):
+def fit(model, steps, lr, lr_scale, batch_loss, name):
     """A plain AdamW loop for the backbones' pretraining: lr * lr_scale(step), batch_loss(step) the step's loss;
-    returns the last loss."""
+    returns the last loss. A progress bar named `name` shows the loss: this is the quiet minute before stage 1."""
+    from tqdm import tqdm
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    for step in range(steps):
+    bar = tqdm(range(steps), desc=name)
+    for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_scale(step)
         loss = batch_loss(step)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     return loss.item()
 
 
@@ -197,8 +201,11 @@ def pretrain_clip(root, captions, tokenizer, steps, batch=64, lr=2e-3, seed=0):
     config = CLIPConfig(
         vision_config=dict(image_size=side, patch_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                            num_attention_heads=4),
+        # every special token from our tokenizer: CLIPTextConfig's defaults are OpenAI's (bos 49406, eos 49407), far
+        # outside this vocabulary
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, eos_token_id=pad, pad_token_id=pad),
+                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=pad, pad_token_id=pad),
         projection_dim=64)
     model = CLIPModel(config)
     # Where a patch is must be readable from its features, as it is in a real ViT's; at the default init (std 0.02)
@@ -218,7 +225,7 @@ def pretrain_clip(root, captions, tokenizer, steps, batch=64, lr=2e-3, seed=0):
         return model(input_ids=input_ids[idx], attention_mask=mask[idx], pixel_values=pixels[idx],
                      return_loss=True).loss
 
-    loss = fit(model, steps, lr, lambda step: min(1.0, (step + 1) / 20), batch_loss)
+    loss = fit(model, steps, lr, lambda step: min(1.0, (step + 1) / 20), batch_loss, "world: CLIP (contrastive)")
     model.save_pretrained(os.path.join(root, "vision"))
     processor.save_pretrained(os.path.join(root, "vision"))
     return loss
@@ -243,7 +250,8 @@ def pretrain_llm(root, texts, tokenizer, steps, batch=32, lr=3e-3, seed=0):
         labels = torch.tensor([c + [-100] * (width - len(c)) for c in chosen])
         return model(input_ids=x, labels=labels).loss
 
-    loss = fit(model, steps, lr, lambda step: min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps)), batch_loss)
+    loss = fit(model, steps, lr, lambda step: min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps)), batch_loss,
+               "world: LLM (text only)")
     model.save_pretrained(os.path.join(root, "llm"))
     tokenizer.save_pretrained(os.path.join(root, "llm"))
     return loss
@@ -324,6 +332,7 @@ def main(argv=None):
     import generate
     import pretrain
     import train
+    from tools.plot_loss import plot_loss, read_metrics
 
     quick = dict(images=1000, clip_steps=150, llm_steps=100) if args.quick else {}
     world = os.path.join(args.out, "world")
@@ -342,6 +351,8 @@ def main(argv=None):
         shutil.rmtree(f"{args.out}/{stage}", ignore_errors=True)  # a rerun starts afresh (train.py won't overwrite)
         train.main(["--preset", "toy", *paths, *overrides], defaults, module.PRESETS, module.__doc__)
         print(f"{stage}: done ({time.time() - start:.0f} s)", flush=True)
+    chart = plot_loss([(f"stage {i}: {stage}", read_metrics(f"{args.out}/{stage}"))
+                       for i, stage in ((1, "pretrain"), (2, "finetune"))], f"{args.out}/loss.png")
 
     rows = {}
     test = f"{world}/test.jsonl"
@@ -368,7 +379,7 @@ def main(argv=None):
           f"\"{first['text'].split(chr(10))[0]}\" --temperature 0")
     generate.main(["--model", f"{args.out}/finetune", "--image", f"{world}/images/{first['image']}",
                    first["text"].split("\n")[0], "--temperature", "0", "--max-new-tokens", "24"])
-    print(f"\nloss curves: {args.out}/pretrain/loss.png, {args.out}/finetune/loss.png; total {time.time() - start:.0f} s")
+    print(f"\nloss curves of both stages: {chart}; total {time.time() - start:.0f} s")
     return rows
 
 
