@@ -34,9 +34,6 @@ import benchmarks
 from benchmarks import BENCHMARKS, read_jsonl
 from data import IMAGE_TOKEN, DataError
 
-# tools/toy_world.py scores its own questions with two of LLaVA's rules, through this module
-sqa_letter, pope_says_yes = benchmarks.sqa_letter, benchmarks.pope_says_yes
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Answering

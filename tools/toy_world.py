@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from model import quiet_transformers  # noqa: E402
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
           "purple": (140, 60, 190), "orange": (240, 140, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -226,7 +228,8 @@ def pretrain_clip(root, captions, tokenizer, steps, batch=64, lr=2e-3, seed=0):
                      return_loss=True).loss
 
     loss = fit(model, steps, lr, lambda step: min(1.0, (step + 1) / 20), batch_loss, "world: CLIP (contrastive)")
-    model.save_pretrained(os.path.join(root, "vision"))
+    with quiet_transformers():  # its "Writing model shards" bar
+        model.save_pretrained(os.path.join(root, "vision"))
     processor.save_pretrained(os.path.join(root, "vision"))
     return loss
 
@@ -252,7 +255,8 @@ def pretrain_llm(root, texts, tokenizer, steps, batch=32, lr=3e-3, seed=0):
 
     loss = fit(model, steps, lr, lambda step: min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps)), batch_loss,
                "world: LLM (text only)")
-    model.save_pretrained(os.path.join(root, "llm"))
+    with quiet_transformers():
+        model.save_pretrained(os.path.join(root, "llm"))
     tokenizer.save_pretrained(os.path.join(root, "llm"))
     return loss
 
@@ -289,17 +293,17 @@ def build_world(root, n_images=5000, n_test=100, clip_steps=300, llm_steps=400, 
 def accuracy_by_type(test_path, answers_path):
     """Per question type: short answers by GQA's rule (lower-cased, trailing "." stripped), letters by ScienceQA's
     extraction, yes/no by POPE's."""
-    import evaluate
+    import benchmarks
 
-    tests = {t["question_id"]: t for t in evaluate.read_jsonl(test_path)}
-    answers = {a["question_id"]: a["text"] for a in evaluate.read_jsonl(answers_path)}
+    tests = {t["question_id"]: t for t in benchmarks.read_jsonl(test_path)}
+    answers = {a["question_id"]: a["text"] for a in benchmarks.read_jsonl(answers_path)}
     right, total = {}, {}
     for qid, t in tests.items():
         text = answers.get(qid, "")
         if t["category"] == "choice":
-            ok = evaluate.sqa_letter(text) == t["answer"]
+            ok = benchmarks.sqa_letter(text) == t["answer"]
         elif t["category"] == "yes/no":
-            ok = evaluate.pope_says_yes(text) == (t["answer"] == "Yes")
+            ok = benchmarks.pope_says_yes(text) == (t["answer"] == "Yes")
         else:
             ok = text.rstrip(".").lower() == t["answer"].lower()
         right[t["category"]] = right.get(t["category"], 0) + ok
