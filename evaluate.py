@@ -30,7 +30,6 @@ import os
 import sys
 import uuid
 
-import benchmarks
 from benchmarks import BENCHMARKS, read_jsonl
 from data import IMAGE_TOKEN, DataError
 
