@@ -158,8 +158,7 @@ def train(cfg):
             batches = iter(torch.utils.data.DataLoader(
                 dataset, cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                 collate_fn=partial(collate, pad_id=fmt.pad_id), pin_memory=device.type == "cuda"))
-        micro = [next(batches) for _ in range(grad_accum)]
-        record = train_step(model, optimizer, micro, step, total, cfg, flops, device)
+        record = train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, device)
         step += 1
         log.write({"step": step, "epoch": round(step / steps_per_epoch, 4), **record})
         if step % cfg.save_every == 0 or step == total:
@@ -170,10 +169,12 @@ def train(cfg):
     return model
 
 
-def train_step(model, optimizer, micro, step, total, cfg, flops, device):
-    """One optimizer step over this rank's micro-batches (every rank runs it on its own); returns the step's metrics.
-    `step` counts from 0: it sets the learning rate."""
+def train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, device):
+    """One optimizer step: this rank reads its grad_accum micro-batches, then every rank counts, runs forward and
+    backward, and updates together. `step` counts from 0 and sets the learning rate. Returns the step's metrics (the
+    time includes reading the data)."""
     start = time.perf_counter()
+    micro = [next(batches) for _ in range(grad_accum)]
     counts = global_counts(micro, flops, device)
     if counts["supervised_tokens"] == 0:
         raise RuntimeError(f"step {step}: no supervised token in the whole global batch")
@@ -234,7 +235,6 @@ def forward_backward(model, micro, n_supervised, trainable, grad_clip, device):
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     return loss_sum.item() / n_supervised, grad_norm.item()
-
 
 
 class NonFiniteError(RuntimeError):
