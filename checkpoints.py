@@ -24,7 +24,8 @@ from dataclasses import asdict, fields
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import LlavaConfig, LlavaModel, load_vision_tower, params_on_meta, quiet_transformers
+from model import LlavaConfig, LlavaModel, from_pretrained_complete, load_vision_tower, params_on_meta, \
+    quiet_transformers
 
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
 
@@ -142,7 +143,7 @@ def from_our_layout(path, saved):
         with params_on_meta():
             llm = AutoModelForCausalLM.from_config(sub_config("text_config"))
     else:
-        llm = AutoModelForCausalLM.from_pretrained(config.llm)
+        llm = from_pretrained_complete(AutoModelForCausalLM, config.llm)
     return assign_weights(LlavaModel(config, tower, llm), state, path)
 
 
@@ -167,7 +168,7 @@ def from_original_llava(path, saved, model_base):
         if model_base is None:
             raise ValueError(f"{path} holds no LLM weights (pytorch_model*.bin or model*.safetensors), as LLaVA's "
                              "stage-1 output (config.json + mm_projector.bin) does not: pass the base LLM as model_base")
-        model = LlavaModel(config, tower, AutoModelForCausalLM.from_pretrained(model_base))
+        model = LlavaModel(config, tower, from_pretrained_complete(AutoModelForCausalLM, model_base))
         model.multi_modal_projector.load_state_dict(projector_weights(os.path.join(path, "mm_projector.bin")))
         return model
     text = {k: v for k, v in saved.items() if not k.startswith("mm_") and k not in ("architectures", "model_type")}
@@ -186,7 +187,7 @@ def from_llava_hf(path):
     """transformers' LlavaForConditionalGeneration (llava-hf), read by transformers itself (every on-disk layout)."""
     from transformers import LlavaForConditionalGeneration
 
-    return from_transformers_llava(LlavaForConditionalGeneration.from_pretrained(path), path)
+    return from_transformers_llava(from_pretrained_complete(LlavaForConditionalGeneration, path), path)
 
 
 def from_transformers_llava(hf, source=""):

@@ -181,7 +181,7 @@ class LlavaModel(nn.Module):
                     return cls(config, AutoModel.from_config(vision_config, dtype=dtype),
                                AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.llm), dtype=dtype))
             model = cls(config, load_vision_tower(config.vision_tower, dtype),
-                        AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype))
+                        from_pretrained_complete(AutoModelForCausalLM, config.llm, dtype=dtype))
         return model if dtype == "auto" else model.to(dtype)
 
 
@@ -198,7 +198,19 @@ def load_vision_tower(path, dtype="auto"):
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(path)
-    return AutoModel.from_pretrained(path, config=getattr(config, "vision_config", config), dtype=dtype)
+    return from_pretrained_complete(AutoModel, path, config=getattr(config, "vision_config", config), dtype=dtype)
+
+
+def from_pretrained_complete(model_class, path, **kwargs):
+    """model_class.from_pretrained(path), where a checkpoint lacking weights the model has is an error: transformers
+    only reports them (quiet_transformers hides the report) and fills them with random values, which a truncated
+    download or the wrong directory would then train on."""
+    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ValueError(f"{path} lacks the weights of {len(missing)} of its model's parameters ({missing[:5]}), which "
+                         "would start from random values; is the download complete, and is it the right directory?")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -250,10 +262,11 @@ def params_on_meta():
 
 @contextmanager
 def quiet_transformers():
-    """Loading backbones without transformers' chatter: its per-file "Loading weights" bars and its report of a full
-    CLIP checkpoint's unused text tower (expected: LLaVA takes the vision half). Errors still show, and so do the
-    hub's download bars, which a first run of a 7B model needs."""
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    """Loading backbones without transformers' chatter: its per-file "Loading weights" bars and its load report (a
+    full CLIP checkpoint's unused text tower is expected: LLaVA takes the vision half; missing weights are an error
+    of from_pretrained_complete instead). Errors still show, and so do the hub's download bars, which a first run of
+    a 7B model needs."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging
 
     level, bars, hub_bars = logging.get_verbosity(), logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
@@ -266,4 +279,6 @@ def quiet_transformers():
     finally:
         logging.set_verbosity(level)
         if bars:
-            logging.enable_progress_bar()
+            logging.enable_progress_bar()  # (and the hub's on)
+        if not hub_bars:
+            disable_progress_bars()

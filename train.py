@@ -45,8 +45,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 import checkpoints
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatFormat, LazySupervisedDataset, ModalityLengthGroupedSampler, collate, \
-    load_image_processor
+from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatFormat, LazySupervisedDataset, ModalityLengthGroupedSampler,
+                  collate, load_image_processor)
 from model import LlavaConfig, LlavaModel, supervised_targets
 
 
@@ -113,13 +113,19 @@ def parse_config(argv, stage_defaults, presets, description):
     p.add_argument("--preset", choices=sorted(presets), help="named settings; flags given here override them")
     for f in fields(TrainConfig):
         flag, default = "--" + f.name.replace("_", "-"), stage_defaults.get(f.name, f.default)
+        default = "no default" if default is MISSING else default
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{f.metadata['help']} ({default})")
         else:
             p.add_argument(flag, type=f.type, help=f"{f.metadata['help']} ({default!r})")
     given = vars(p.parse_args(argv))
     preset = presets[given.pop("preset")] if "preset" in given else {}
-    return TrainConfig(**{**stage_defaults, **preset, **given})
+    settings = {**stage_defaults, **preset, **given}
+    unset = [f.name for f in fields(TrainConfig) if f.default is MISSING and f.name not in settings]
+    if unset:
+        raise ValueError(f"no value for {unset}: a stage gives them (pretrain.py's STAGE_1, finetune.py's STAGE_2), "
+                         "or pass them as flags")
+    return TrainConfig(**settings)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -558,7 +564,6 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
 
 
 def main(argv=None, stage_defaults=None, presets=None, description=None):

@@ -146,3 +146,16 @@ def test_loading_a_directory_without_a_projector_fails_clearly(tmp_path):
     checkpoints.save(model, tmp_path / "out", modules=("language_model",))
     with pytest.raises(ValueError, match="no projector weights"):
         checkpoints.load(str(tmp_path / "out"))
+
+
+def test_a_backbone_checkpoint_missing_weights_is_an_error_not_random_values(tmp_path):
+    """transformers fills weights a checkpoint lacks with random values and only reports it (quietly, here); a
+    truncated LLM download must stop the run instead."""
+    from safetensors.torch import load_file, save_file
+
+    vision_dir, llm_dir = save_tiny_backbones(str(tmp_path))
+    weights = load_file(os.path.join(llm_dir, "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, os.path.join(llm_dir, "model.safetensors"), {"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks the weights of 1 .*lm_head\.weight"):
+        LlavaModel.from_config(LlavaConfig(vision_tower=vision_dir, llm=llm_dir))
