@@ -353,8 +353,9 @@ def main(argv=None):
         if stage == "finetune":
             paths += ["--init-from", f"{args.out}/pretrain"]
         shutil.rmtree(f"{args.out}/{stage}", ignore_errors=True)  # a rerun starts afresh (train.py won't overwrite)
+        began = time.time()
         train.main(["--preset", "toy", *paths, *overrides], defaults, module.PRESETS, module.__doc__)
-        print(f"{stage}: done ({time.time() - start:.0f} s)", flush=True)
+        print(f"{stage}: done ({time.time() - began:.0f} s)", flush=True)
     chart = plot_loss([(f"stage {i}: {stage}", read_metrics(f"{args.out}/{stage}"))
                        for i, stage in ((1, "pretrain"), (2, "finetune"))], f"{args.out}/loss.png")
 
