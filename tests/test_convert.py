@@ -1,18 +1,22 @@
 """Checkpoint interop: the original LLaVA layout, its stage-1 mm_projector.bin, llava-hf (both on-disk layouts) load
-with logits equal to the source model; an export loads in transformers and answers like ours; pickles are refused."""
+with logits equal to the source model; an export loads in transformers, its chat template prompts it with our ids,
+and it answers like ours; pickles are refused."""
 
 import json
 import os
 
 import pytest
+import real_format as rf
 import torch
 from hf_reference import HF_IMAGE_ID, mixed_batch, reference_and_ours
+from jinja2.exceptions import TemplateError
 from PIL import Image
 from safetensors.torch import save_file
 
 import checkpoints
 import generate
-from data import IMAGE_TOKEN_INDEX, ChatFormat, load_image_processor, process_image
+from data import IMAGE_TOKEN_INDEX, VICUNA_SYSTEM, ChatFormat, load_image_processor, move_image_tags_first, \
+    process_image, render
 from checkpoints import projector_weights
 from model import LlavaConfig, LlavaModel
 from tools.convert import export_llava_hf, import_checkpoint
@@ -117,22 +121,140 @@ def test_export_loads_in_transformers_and_answers_like_ours(tmp_path):
 
     image = Image.new("RGB", (30, 20), (200, 40, 40))
     fmt = ChatFormat(tokenizer, "vicuna_v1", ours.num_image_tokens)
-    ids = fmt.prompt([{"role": "user", "content": "<image>\nWhat color is it?"}])
+    history = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    ids = fmt.prompt(history + [{"role": "user", "content": "<image>\nWhat color is it?"}])
+    messages = history + [{"role": "user", "content": [{"type": "image", "image": image},
+                                                       {"type": "text", "text": "What color is it?"}]}]
     pixel_values = process_image(image, load_image_processor(vision), "pad")[None]
-    inputs = processor(images=image, text="USER: <image>\nWhat color is it? ASSISTANT:", return_tensors="pt")
+    hf_ids = torch.tensor([[hf.config.image_token_index if t == IMAGE_TOKEN_INDEX else t for t in ids]])
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")  # as lmms-eval's llava_hf calls it
     assert torch.allclose(inputs["pixel_values"], pixel_values, atol=1e-5)  # padded to square like LLaVA
     assert (inputs["input_ids"] == hf.config.image_token_index).sum() == ours.num_image_tokens
+    assert torch.equal(inputs["input_ids"], hf_ids)
+    templated = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              return_tensors="pt")
+    assert torch.equal(templated["input_ids"], hf_ids) and torch.equal(templated["pixel_values"],
+                                                                        inputs["pixel_values"])
 
-    hf_ids = torch.tensor([[hf.config.image_token_index if t == IMAGE_TOKEN_INDEX else t for t in ids]])
     with torch.no_grad():
         expected = hf(input_ids=hf_ids, pixel_values=pixel_values).logits[0, :, :len(tokenizer)]
         logits = ours(torch.tensor([ids]), None, pixel_values)[0, :, :len(tokenizer)]
     assert (logits - expected).abs().max() < 1e-5
-    greedy = hf.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixel_values,
-                         max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+    greedy = hf.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
     mine = generate.generate(ours, [ids], pixel_values, max_new_tokens=8, eos_ids={tokenizer.eos_token_id})[0]
     assert greedy[:len(mine)] == mine and len(mine) > 0
+
+
+# The exported chat template against data.ChatFormat, for three Llama tokenizers: the tiny one (tokenizers' Metaspace)
+# and Vicuna's SentencePiece tokenizer.model as transformers converts it, with tokenizer_config.json's legacy=False
+# (Vicuna's and LLaVA-1.5's own setting) and legacy=True. Messages are in transformers' format.
+RED, BLUE = Image.new("RGB", (30, 20), (200, 40, 40)), Image.new("RGB", (20, 30), (40, 40, 200))
+
+
+def user(*parts):
+    return {"role": "user", "content": [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
+                                        for p in parts]}
+
+
+def reply(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+CONVERSATIONS = {  # name: (messages, add_generation_prompt, the images in order)
+    "text": ([user("What is a cat?")], True, []),
+    "text, two turns": ([user("What is a cat?"), reply("An animal."), user("And a dog?"), reply("One too.")], False,
+                        []),
+    "one image": ([user(RED, "What color is it?")], True, [RED]),
+    "one image, answered": ([user(RED, "What color is it?"), reply("Red.")], False, [RED]),
+    "an image in a later turn": ([user("Hi."), reply("Hello."), user("What color is it?", RED), reply("Red.")], False,
+                                 [RED]),
+    "two images in one turn": ([user("Compare them.", RED, BLUE)], True, [RED, BLUE]),
+    "two images in two turns": ([user(RED, "This?"), reply("Red."), user(BLUE, "And this?")], True, [RED, BLUE]),
+    "an image alone": ([user(RED), reply("A red picture."), user("Sure?")], True, [RED]),
+    "two text parts": ([user(RED, "What color is it?", "Answer with one word.")], True, [RED]),
+    "string content, lmms-eval's": ([{"role": "user", "content": "<image> <image>\nSame color?"}], True, [RED, BLUE]),
+    "a system message": ([{"role": "system", "content": "Answer briefly."}, user(RED, "Color?"), reply("Red.")], False,
+                         [RED]),
+}
+
+
+def as_llava(messages):
+    """data.py's view of the same conversation: string content, a turn's images at its start as "<image>\\n"."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str):
+            content = "<image>" * sum(p["type"] == "image" for p in content) + "\n".join(
+                p["text"] for p in content if p["type"] == "text")
+        out.append({"role": m["role"], "content": move_image_tags_first(content) if m["role"] == "user" else content})
+    return out
+
+
+@pytest.fixture(scope="module", params=["tiny", "vicuna", "vicuna legacy"])
+def exported(request, tmp_path_factory):
+    """(our tokenizer, tokens per image, the export's AutoProcessor, what the template writes after an image)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("export")
+    if request.param == "tiny":
+        tokenizer = llama_tokenizer()
+    else:
+        rf.write_tokenizer(str(root / "tokenizer"))
+        config = json.loads((root / "tokenizer" / "tokenizer_config.json").read_text())
+        (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": "legacy" in
+                                                                               request.param}))
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    vision, llm = save_tiny_backbones(str(root), tokenizer=tokenizer)
+    ours = LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm))
+    export_llava_hf(ours, tokenizer, load_image_processor(vision), str(root / "hf"))
+    processor = AutoProcessor.from_pretrained(root / "hf")
+    assert AutoTokenizer.from_pretrained(root / "hf").chat_template == processor.chat_template  # lmms-eval reads this
+    # A legacy tokenizer puts a dummy-prefix "▁" after every special token, as LLaVA's chunks had after every image;
+    # the others only at the start of the text, so the template writes "<image> \n" to give it back.
+    return tokenizer, ours.num_image_tokens, processor, "\n" if request.param == "vicuna legacy" else " \n"
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_the_exported_chat_template_prompts_with_our_ids(exported, name):
+    tokenizer, image_tokens, processor, after_image = exported
+    messages, add_generation_prompt, images = CONVERSATIONS[name]
+    fmt, image_id = ChatFormat(tokenizer, "vicuna_v1", image_tokens), processor.image_token_id
+    if messages[0]["role"] == "system":  # ChatFormat has no system message; LLaVA's Conversation.system is replaced
+        text = render("vicuna_v1", as_llava(messages[1:]), tokenizer, add_generation_prompt).replace(
+            VICUNA_SYSTEM, messages[0]["content"])
+    else:
+        text = render("vicuna_v1", as_llava(messages), tokenizer, add_generation_prompt)
+    ours = [image_id if t == IMAGE_TOKEN_INDEX else t for t in fmt.tokenize(text)[0]]
+    assert ours.count(image_id) == len(images) * image_tokens
+    kwargs = {"processor_kwargs": {"images": images}} if images else {}
+
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    assert rendered == text.replace("<image>\n", "<image>" + after_image)
+    ids = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs)
+    assert ids[0] == ours
+    assert processor(text=rendered, images=images or None).input_ids[0] == ours
+
+    # LLaVA's own text ("<image>\n", as llava-hf's template and hand-written prompts have it) loses, with these
+    # tokenizers, the "▁" that LLaVA's chunked tokenization put between each image and its "\n".
+    by_hand = processor(text=text, images=images or None).input_ids[0]
+    if after_image == "\n":
+        assert by_hand == ours
+    else:
+        space, newline = tokenizer.convert_tokens_to_ids(["▁", "<0x0A>"])
+        lost = [i for i in range(1, len(ours) - 1) if ours[i - 1:i + 2] == [image_id, space, newline]]
+        assert len(lost) == text.count("<image>\n") and by_hand == [t for i, t in enumerate(ours) if i not in lost]
+
+
+def test_the_exported_chat_template_refuses_what_llava_has_no_prompt_for(exported):
+    processor = exported[2]
+    with pytest.raises(TemplateError, match="images go in user turns"):
+        processor.apply_chat_template([user("Draw a cat."), {"role": "assistant", "content": [{"type": "image"}]}])
+    with pytest.raises(TemplateError, match="roles are user and assistant"):
+        processor.apply_chat_template([user("Hi."), {"role": "tool", "content": "42"}])
+    assert (processor.patch_size, processor.vision_feature_select_strategy, processor.num_additional_image_tokens,
+            processor.image_token) == (8, "default", 1, "<image>")
 
 
 class Payload:

@@ -9,20 +9,26 @@
 and finetune.py --init-from read; checkpoints.load also reads the source layouts directly. `export` writes
 a directory that transformers' LlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained load:
 `<image>` added to the tokenizer (and the embeddings grown by a row), image_token_index, image_seq_length,
-vision_feature_layer and vision_feature_select_strategy set, and LLaVA's pad-to-square kept in the image processor.
+vision_feature_layer and vision_feature_select_strategy set, LLaVA's pad-to-square kept in the image processor, and
+a chat template (chat_template.jinja, read by the processor and the tokenizer) that renders the model's own prompt,
+system prompt included, so apply_chat_template (lmms-eval's llava_hf, vLLM, other servers) prompts it as it was
+trained. llava-hf's own template drops the system prompt.
 Nothing pickled is ever executed: safetensors, or torch.load(weights_only=True) for .bin files.
 """
 
 import argparse
 import copy
+import json
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from data import load_tokenizer_and_processor  # noqa: E402
+from data import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, LLAVA_V1_SYSTEM, VICUNA_SYSTEM, ChatFormat  # noqa: E402
+from data import load_tokenizer_and_processor, render  # noqa: E402
 import checkpoints  # noqa: E402
 from model import params_on_meta  # noqa: E402
 
@@ -34,6 +40,78 @@ def import_checkpoint(source, out, model_base=None):
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
     return model
+
+
+# data.py's vicuna_v1 / llava_v1 (LLaVA's SeparatorStyle.TWO) as Jinja, for messages in transformers' format: content
+# a string or a list of {"type": "text", "text"} and {"type": "image"} parts. Like data.py, every image of a turn goes
+# to its start as "<image>\n" (LLaVA's preprocess_multimodal), also `<image>` tags written in the text; text parts are
+# joined with "\n". A leading system message replaces the default system prompt (LLaVA's Conversation.system).
+# No {% generation %} blocks: they are transformers' own Jinja extension, which other template engines may not know.
+VICUNA_JINJA = """\
+{%- macro turn(content, is_user) -%}
+    {%- if content is string -%}
+        {%- set text = content -%}
+        {%- set n = 0 -%}
+    {%- else -%}
+        {%- set text = content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}
+        {%- set n = content | selectattr('type', 'equalto', 'image') | list | length -%}
+    {%- endif -%}
+    {%- if not is_user -%}
+        {%- if n or image in text -%}{{ raise_exception('images go in user turns') }}{%- endif -%}
+        {{- text -}}
+    {%- elif n + text.count(image) == 0 -%}
+        {{- text -}}
+    {%- else -%}
+        {{- ((image + after_image) * (n + text.count(image)) + text.replace(image, '').strip()).strip() -}}
+    {%- endif -%}
+{%- endmacro -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {{- turn(messages[0]['content'], false) + ' ' -}}
+    {%- set messages = messages[1:] -%}
+{%- else -%}
+    {{- system + ' ' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'user' -%}
+        {{- 'USER: ' + turn(message['content'], true) + ' ' -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {{- 'ASSISTANT: ' + turn(message['content'], false) + eos -}}
+    {%- else -%}
+        {{- raise_exception('roles are user and assistant, and system as the first message only') -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- 'ASSISTANT:' -}}
+{%- endif -%}
+"""
+
+
+def after_image(tokenizer, template):
+    """What the exported template writes after each `<image>` where data.py writes "\n", so that the processor's ids
+    (the whole prompt tokenized at once) are LLaVA's (the text around each image tokenized on its own,
+    tokenizer_image_token). A SentencePiece-style tokenizer puts its dummy-prefix "▁" at the start of each chunk, so
+    LLaVA's models saw "▁" "\n" after every image; a Llama tokenizer with legacy=False (Vicuna's, LLaVA-1.5's) adds it
+    only at the start of the whole text, and " \n" gives that "▁" back. Which one holds is measured here."""
+    fmt = ChatFormat(tokenizer, template, image_tokens=1)
+    probe = render(template, [{"role": "user", "content": f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\nWhat is it?"}], tokenizer,
+                   add_generation_prompt=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    for text in ("\n", " \n"):
+        ids = tokenizer(probe.replace(IMAGE_TOKEN + "\n", IMAGE_TOKEN + text)).input_ids
+        if [IMAGE_TOKEN_INDEX if i == image_id else i for i in ids] == fmt.tokenize(probe)[0]:
+            return text
+    warnings.warn(f"{type(tokenizer).__name__} tokenizes the text after an image differently in one piece than "
+                  "LLaVA does in chunks; the exported chat template renders LLaVA's text, the ids will differ")
+    return "\n"
+
+
+def chat_template(template, tokenizer):
+    """The Jinja chat template rendering data.py's `template` for the export's processor and tokenizer."""
+    if template not in ("vicuna_v1", "llava_v1"):
+        return None
+    constants = {"system": VICUNA_SYSTEM if template == "vicuna_v1" else LLAVA_V1_SYSTEM, "eos": tokenizer.eos_token,
+                 "image": IMAGE_TOKEN, "after_image": after_image(tokenizer, template)}
+    return "".join(f"{{%- set {k} = {json.dumps(v)} -%}}\n" for k, v in constants.items()) + VICUNA_JINJA
 
 
 def export_llava_hf(model, tokenizer, image_processor, out):
@@ -48,6 +126,12 @@ def export_llava_hf(model, tokenizer, image_processor, out):
     tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    template = chat_template(model.config.template, tokenizer)
+    if template:
+        tokenizer.chat_template = template  # lmms-eval's llava_hf renders with processor.tokenizer.apply_chat_template
+    elif model.config.template != "chat_template":
+        warnings.warn(f"no chat template is exported for the {model.config.template!r} template; write its prompts "
+                      "yourself")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     text_config = copy.deepcopy(model.language_model.config)
     text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
@@ -77,7 +161,8 @@ def export_llava_hf(model, tokenizer, image_processor, out):
                                  image_std=image_processor.image_std)
     LlavaProcessor(image_processor=pil, tokenizer=tokenizer, patch_size=vision.patch_size,
                    vision_feature_select_strategy=config.vision_feature_select_strategy,
-                   num_additional_image_tokens=int(model.has_cls)).save_pretrained(out)
+                   num_additional_image_tokens=int(model.has_cls), image_token=IMAGE_TOKEN,
+                   chat_template=tokenizer.chat_template).save_pretrained(out)
     return hf
 
 
