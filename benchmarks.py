@@ -10,10 +10,11 @@ One section per benchmark, each with its rule, its scorer and its flags, and the
 - VQAv2 / TextVQA: llava/eval/m4c_evaluator.py (EvalAI's answer normalisation and the 10-human soft accuracy) and
   llava/eval/eval_textvqa.py (how a TextVQA answer finds its question);
 - GQA: scripts/convert_gqa_for_eval.py (lower-case, strip a trailing ".") and the official exact match;
-- MME: the official eval_tool/calculation.py that ships with MME (acc + acc+ per subtask), with
+- MME: the official eval_tool/calculation.py that ships with MME (its yes/no reading; acc + acc+ per subtask; in
+  BradyFU/Awesome-Multimodal-Large-Language-Models, branch Evaluation, tools/eval_tool.zip), with
   MME/convert_answer_to_mme.py of LLaVA's eval.zip mapping LLaVA's questions back to the release's;
-- LLaVA-Bench: llava/eval/summarize_gpt_review.py (the relative score, a ratio of means, averaged over judge runs); the
-  judge that writes the reviews is judge.py (llava/eval/eval_gpt_review_bench.py).
+- LLaVA-Bench: llava/eval/summarize_gpt_review.py (the relative score, a ratio of means rounded to 3 decimals, averaged
+  over judge runs); the judge that writes the reviews is judge.py (llava/eval/eval_gpt_review_bench.py).
 All paths are in haotian-liu/LLaVA unless said otherwise.
 
 The same rules for bad input everywhere: a question without an answer counts as wrong and is reported; an answer to a
@@ -53,7 +54,8 @@ def answers_by_id(path, questions):
 
 
 def missing_report(questions, answers):
-    missing = [q for q in questions if str(q) not in answers]
+    """How many questions (ids, or the keys the answers are under) have no answer, with a warning if any."""
+    missing = [q for q in questions if q not in answers and str(q) not in answers]
     if missing:
         print(f"warning: {len(missing)} of {len(questions)} questions have no answer; they count as wrong",
               file=sys.stderr)
@@ -280,55 +282,111 @@ def gqa_flags(p):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # MME (MME's official eval_tool/calculation.py; LLaVA's convert_answer_to_mme.py maps its questions back)
+#
+# LLaVA's llava_mme.jsonl asks each image's two questions under one question_id, "subtask/image file", so a question
+# is the pair (question_id, its text), and an answer finds its question by its own "prompt", as LLaVA's converter
+# (playground/data/eval/MME/convert_answer_to_mme.py in eval.zip) finds the ground truth from the answers file alone.
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                   "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
-SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+MME_SHORT_ANSWER = "Answer the question using a single word or phrase."
+MME_YES_NO = " Please answer yes or no."
 
 
 def mme_label(text):
-    """yes / no / other: exact, a lone y or n, else "yes" or "no" within the first 4 characters."""
-    text = text.lower().strip().replace(".", "")
+    """yes / no / other, as calculation.py's parse_pred_ans reads a response: lower-cased, nothing stripped; exactly
+    "yes" or "no", else "yes" if it is in the first 4 characters, else "no" if that is, else "other" (always wrong)."""
+    text = text.lower()
     if text in ("yes", "no"):
         return text
-    if text in ("y", "n"):
-        return {"y": "yes", "n": "no"}[text]
     return "yes" if "yes" in text[:4] else "no" if "no" in text[:4] else "other"
 
 
+def mme_question(prompt):
+    """The release's wording of a LLaVA MME prompt, as the converter puts it back: the short-answer instruction
+    dropped, the text stripped, " Please answer yes or no." added unless it is there."""
+    question = prompt.replace(MME_SHORT_ANSWER, "").strip()
+    return question if MME_YES_NO.strip() in question else question + MME_YES_NO
+
+
+def mme_image(question_id):
+    """(subtask, image file stem) of a question_id "subtask/file.ext", split as the converter does."""
+    return question_id.split("/")[0], question_id.split("/")[-1].split(".")[0]
+
+
 def read_mme_truth(root):
-    """(subtask, image file stem, question) -> yes/no, from the release's `question\\tanswer` .txt files."""
+    """(subtask, image file stem, question) -> "yes" / "no". root is either the MME release
+    (MME_Benchmark_release_version: a folder per subtask, a `question<TAB>answer` .txt per image, in its
+    questions_answers_YN/ where it has one, the subtasks whose images are in images/) or a folder of calculation.py's
+    per-subtask files (eval_tool/Your_Results: `image<TAB>question<TAB>answer` lines in SUBTASK.txt). Lines are read
+    as the converter reads them, `line.strip().split("\t")`: a question keeps its inner spacing."""
     truth = {}
-    for subtask in os.listdir(root):
-        for folder in (os.path.join(root, subtask), os.path.join(root, subtask, "questions_answers_YN")):
-            if not os.path.isdir(folder):
-                continue
-            for name in os.listdir(folder):
+
+    def add(path, subtask, stem):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                fields = line.strip().split("\t")
+                if fields == [""]:
+                    continue
+                if len(fields) == 2 and stem is not None:
+                    key, answer = (subtask, stem, fields[0]), fields[1]
+                elif len(fields) in (3, 4) and stem is None:  # a results file may hold a 4th column, a response
+                    key, answer = (subtask, os.path.splitext(fields[0])[0], fields[1]), fields[2]
+                else:
+                    raise DataError(f"{path}, line {n}: expected " + ("question<TAB>answer" if stem is not None
+                                                                      else "image<TAB>question<TAB>answer"))
+                truth[key] = answer.strip().lower()
+
+    for entry in sorted(os.listdir(root)):
+        path = os.path.join(root, entry)
+        if os.path.isdir(path):
+            if os.path.isdir(os.path.join(path, "questions_answers_YN")):
+                path = os.path.join(path, "questions_answers_YN")
+            for name in sorted(os.listdir(path)):
                 if name.endswith(".txt"):
-                    with open(os.path.join(folder, name)) as f:
-                        for line in f:
-                            if "\t" in line:
-                                question, answer = line.rstrip("\n").split("\t")[:2]
-                                truth[(subtask, name[:-4], question.strip())] = answer.strip().lower()
+                    add(os.path.join(path, name), entry, name[:-4])
+        elif entry[:-4] in MME_PERCEPTION + MME_COGNITION and entry.endswith(".txt"):
+            add(path, entry[:-4], None)
+    if not truth:
+        raise DataError(f"{root}: no MME ground truth (subtask folders of question<TAB>answer .txt files, or "
+                        "calculation.py's SUBTASK.txt files)")
     return truth
 
 
+def mme_truth(truth, subtask, stem, question):
+    """The ground truth of a question; like the converter, tried again with two spaces before "Please answer yes or
+    no.", which is how the release words a few questions (e.g. count/000000195918: "...in the image?  Please...")."""
+    for wording in (question, question.replace(MME_YES_NO, " " + MME_YES_NO)):
+        if (subtask, stem, wording) in truth:
+            return truth[subtask, stem, wording]
+    return None
+
+
 def score_mme(questions_path, answers_path, mme_root):
-    """Per subtask acc (questions) + acc+ (images with both questions right); LLaVA reports the perception sum."""
-    questions = read_jsonl(questions_path)
-    answers = answers_by_id(answers_path, [q["question_id"] for q in questions])
-    missing = missing_report([q["question_id"] for q in questions], answers)
+    """Per subtask acc (questions) + acc+ (images with both questions right); LLaVA reports the perception sum.
+    calculation.py takes a results file's lines two by two as an image's questions; here they are grouped by image,
+    which is the same for LLaVA's files, where an image's two questions are next to each other."""
+    keys = [(str(q["question_id"]), mme_question(q["text"])) for q in read_jsonl(questions_path)]
+    answers = {}
+    for n, a in enumerate(read_jsonl(answers_path), 1):
+        if "prompt" not in a:
+            raise DataError(f"{answers_path}: answer #{n} has no \"prompt\"; MME's two questions of an image share "
+                            "a question_id, so an answer is matched to its question by its prompt")
+        answers[str(a["question_id"]), mme_question(a["prompt"])] = a["text"]
+    unknown = sorted(set(answers) - set(keys))
+    if unknown:
+        raise DataError(f"{answers_path}: {len(unknown)} answers to questions not in the question file, e.g. "
+                        f"{unknown[:3]}; is this the answers file of another benchmark?")
+    missing = missing_report(keys, answers)
     truth = read_mme_truth(mme_root)
     per_image = defaultdict(lambda: defaultdict(list))  # subtask -> image -> [correct, ...]
-    for q in questions:
-        question = q["text"].replace(SHORT_ANSWER, "").strip() + " Please answer yes or no."
-        stem = os.path.splitext(os.path.basename(q["image"]))[0]
-        key = (q["category"], stem, question)
-        if key not in truth:
-            raise DataError(f"{questions_path}: no ground truth in {mme_root} for {key}")
-        said = mme_label(answers.get(str(q["question_id"]), ""))
-        per_image[q["category"]][stem].append(said == truth[key])
+    for question_id, question in keys:
+        subtask, stem = mme_image(question_id)
+        right = mme_truth(truth, subtask, stem, question)
+        if right is None:
+            raise DataError(f"{questions_path}: no ground truth in {mme_root} for {(subtask, stem, question)}")
+        per_image[subtask][stem].append(mme_label(answers.get((question_id, question), "")) == right)
     subtasks = {}
     for subtask, images in per_image.items():
         results = [c for image in images.values() for c in image]
@@ -342,9 +400,10 @@ def score_mme(questions_path, answers_path, mme_root):
 
 def mme_flags(p):
     p.add_argument("--questions", required=True, help="LLaVA's llava_mme.jsonl")
-    p.add_argument("--answers", required=True, help="the answers file of `evaluate.py run`")
-    p.add_argument("--mme-root", required=True, help="MME_Benchmark_release_version: subtask folders of "
-                                                     "question<TAB>answer .txt files")
+    p.add_argument("--answers", required=True, help="the answers file of `evaluate.py run` (or LLaVA's)")
+    p.add_argument("--mme-root", required=True, help="the ground truth: MME_Benchmark_release_version (subtask "
+                                                     "folders of question<TAB>answer .txt files), or the folder of "
+                                                     "eval_tool's image<TAB>question<TAB>answer SUBTASK.txt files")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -352,7 +411,9 @@ def mme_flags(p):
 
 
 def relative_scores(reviews):
-    """Per category and "all": 100 x mean(model) / mean(GPT-4) (a ratio of means), rounded to 0.1 at the end."""
+    """Per category and "all": 100 x mean(model) / mean(GPT-4), a ratio of means, each mean first rounded to 3
+    decimals as summarize_gpt_review.py does (`stats = [round(x, 3) for x in stats]`), the ratio then to 0.1. The
+    inner rounding moves LLaVA-1.5-7B's first released run from 64.8 to the 64.7 LLaVA computed."""
     pairs = defaultdict(list)
     for r in reviews:
         pair = judge.parse_review(r["content"])
@@ -360,8 +421,8 @@ def relative_scores(reviews):
         pairs["all"].append(pair)
     out = {}
     for category, values in sorted(pairs.items()):
-        reference = sum(v[0] for v in values) / len(values)
-        model = sum(v[1] for v in values) / len(values)
+        reference = round(sum(v[0] for v in values) / len(values), 3)
+        model = round(sum(v[1] for v in values) / len(values), 3)
         out[category] = {"relative": round(model / reference * 100, 1), "reference": round(reference * 10, 1),
                          "model": round(model * 10, 1)}
     return out

@@ -38,12 +38,49 @@ def test_scienceqa_img_of_llava_1_5_13b_is_71_64(tmp_path):
     assert round(metrics["img_accuracy"], 2) == 71.64 and json.loads((tmp_path / "m.json").read_text()) == metrics
 
 
-@pytest.mark.parametrize("size,runs,mean", [("13b", [72.8, 72.7, 72.1], 72.5), ("7b", [64.8, 65.3, 66.3], 65.5)])
+@pytest.mark.parametrize("size,runs,mean", [("13b", [72.8, 72.7, 72.1], 72.5), ("7b", [64.7, 65.3, 66.3], 65.4)])
 def test_llava_bench_in_the_wild_relative_scores(size, runs, mean, tmp_path):
     reviews = [f"{REF}/llava-bench-in-the-wild/llava-v1.5-{size}-eval{i}.jsonl" for i in (1, 2, 3)]
     metrics = evaluate.main(["score", "llava_bench", "--reviews", *reviews, "--out", str(tmp_path / "m.json")])
     assert [r["all"]["relative"] for r in metrics["runs"].values()] == runs
     assert metrics["mean"]["all"] == mean
+
+
+MME_ROOT = os.environ.get("MME_ROOT")
+
+
+@pytest.mark.skipif(not MME_ROOT, reason="MME's ground truth is not vendored: set MME_ROOT to "
+                    "MME_Benchmark_release_version, or to eval_tool/Your_Results of MME's eval_tool.zip")
+def test_mme_of_llava_1_5_13b_is_1531_3(tmp_path):
+    metrics = evaluate.main(["score", "mme", "--questions", f"{REF}/mme/llava_mme.jsonl", "--answers",
+                             f"{REF}/mme/llava-v1.5-13b.jsonl", "--mme-root", MME_ROOT,
+                             "--out", str(tmp_path / "m.json")])
+    assert metrics["missing"] == 0
+    assert (round(metrics["perception"], 1), round(metrics["cognition"], 1)) == (1531.3, 295.4)
+    assert {s: round(v["score"], 2) for s, v in metrics["subtasks"].items()} == {  # as calculation.py prints them
+        "existence": 185.0, "count": 155.0, "position": 133.33, "color": 170.0, "posters": 160.54, "celebrity": 152.94,
+        "scene": 161.25, "landmark": 170.5, "artwork": 117.75, "OCR": 125.0, "commonsense_reasoning": 127.86,
+        "numerical_calculation": 42.5, "text_translation": 77.5, "code_reasoning": 47.5}
+
+
+def test_mme_pairs_each_of_llavas_answers_with_its_own_question(tmp_path):
+    """LLaVA's real MME files, where an image's two questions share a question_id: with a ground truth that says each
+    answer is right, every yes/no answer must count as right, so only the 11 answers that are neither lose points."""
+    answers = benchmarks.read_jsonl(f"{REF}/mme/llava-v1.5-13b.jsonl")
+    truth = {}
+    for a in answers:  # question_id "artwork/images/17998.jpg": subtask "artwork", file 17998.txt
+        subtask, stem = a["question_id"].split("/")[0], a["question_id"].split("/")[-1].split(".")[0]
+        question = a["prompt"].replace("\nAnswer the question using a single word or phrase.", "")
+        truth.setdefault((subtask, stem), []).append(f"{question} Please answer yes or no.\t"
+                                                     f"{'No' if a['text'] == 'No' else 'Yes'}\n")
+    for (subtask, stem), lines in truth.items():
+        (tmp_path / "MME" / subtask).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "MME" / subtask / f"{stem}.txt").write_text("".join(lines))
+    metrics = benchmarks.score_mme(f"{REF}/mme/llava_mme.jsonl", f"{REF}/mme/llava-v1.5-13b.jsonl",
+                                   str(tmp_path / "MME"))
+    assert sum(a["text"] not in ("Yes", "No") for a in answers) == 11  # "Church", "Portrait", ...: all in artwork
+    assert metrics["subtasks"]["artwork"] == {"acc": 97.25, "acc_plus": 94.5, "score": 191.75}
+    assert (metrics["perception"], metrics["cognition"], metrics["missing"]) == (1991.75, 800.0, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -122,29 +159,73 @@ def test_pope_rule_and_per_split_pairing(tmp_path):
     assert metrics["mean_f1"] == 25
 
 
-def test_mme_acc_plus_counts_images_with_both_answers_right(tmp_path):
-    root = tmp_path / "MME"
-    (root / "color").mkdir(parents=True)
-    red, blue = "Is it red? Please answer yes or no.", "Is it blue? Please answer yes or no."
-    (root / "color" / "1.txt").write_text(f"{red}\tYes\n{blue}\tNo\n")
-    (root / "color" / "2.txt").write_text(f"{red}\tNo\n{blue}\tYes\n")
-    (root / "code_reasoning" / "questions_answers_YN").mkdir(parents=True)
-    (root / "code_reasoning" / "questions_answers_YN" / "7.txt").write_text(
-        "Does it print 2? Please answer yes or no.\tYes\nDoes it print 3? Please answer yes or no.\tNo\n")
+# MME fixtures shaped like the real files: LLaVA's llava_mme.jsonl asks an image's two questions under one
+# question_id "subtask/file" (artwork's keep "images/" in it), its answers file repeats each question as "prompt";
+# the release's ground truth is a `question<TAB>answer` .txt per image (in questions_answers_YN/ for artwork and the
+# like), calculation.py's a `image<TAB>question<TAB>answer` SUBTASK.txt; a few release questions have two spaces
+# before "Please answer yes or no." (count/000000195918 is one) or no "?" (position/000000006471).
+MME_CASES = [  # question id, question as LLaVA asks it (before the suffix), ground truth, LLaVA's answer or None
+    ("count/000000195918.jpg", "Is there only one display device in the image?", "No", "No"),  # both right
+    ("count/000000195918.jpg", "Are there two display devices in the image?", "Yes", "Yes"),
+    ("count/000000044279.jpg", "Is there a total of two people in the image?", "Yes", "Yes"),  # one right
+    ("count/000000044279.jpg", "Is there a total of three people in the image?", "No", "Yes"),
+    ("position/000000006471.jpg", "Is the cricket bat above the batter's body?", "Yes", "Yes"),  # both right
+    ("position/000000006471.jpg", "Is the cricket bat under the batter's body", "No", "No"),
+    ("artwork/images/10002.jpg", "Does this artwork exist in the form of painting?", "Yes", "Yes."),  # one right
+    ("artwork/images/10002.jpg", "Does this artwork exist in the form of glassware?", "No", "Church"),  # "other"
+    ("artwork/images/10049.jpg", "Does this artwork exist in the form of painting?", "Yes", "yes"),  # one right
+    ("artwork/images/10049.jpg", "Does this artwork exist in the form of sculpture?", "No", None),  # no answer
+    ("code_reasoning/0001.png", "The image shows a python code. Is the output of the code 'Hello'?", "Yes", "y"),
+    ("code_reasoning/0001.png", "The image shows a python code. Is the output of the code 'World'?", "No", "No"),
+]
+
+
+def write_mme_truth(root, layout):
+    """MME_CASES' ground truth as the release lays it out, or as eval_tool's Your_Results does."""
+    for qid, text, truth, _ in MME_CASES:
+        subtask, file = qid.split("/")[0], qid.split("/")[-1]
+        spaces = "  " if "only one display" in text else " "  # the release's irregular spacing
+        line = f"{text}{spaces}Please answer yes or no.\t{truth}\n"
+        if layout == "release":  # artwork keeps its images in images/, its .txt files in questions_answers_YN/
+            folder = root / subtask / ("questions_answers_YN" if subtask == "artwork" else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"{file.split('.')[0]}.txt", "a") as f:
+                f.write(line)
+        else:
+            root.mkdir(exist_ok=True)
+            with open(root / f"{subtask}.txt", "a") as f:
+                f.write(f"{file}\t{line}")
+
+
+@pytest.mark.parametrize("layout", ["release", "eval_tool"])
+def test_mme_on_files_shaped_like_the_real_ones(layout, tmp_path):
+    write_mme_truth(tmp_path / "MME", layout)
     suffix = "\nAnswer the question using a single word or phrase."
-    q = [("color/1.jpg", "Is it red?", "Yes."), ("color/1.jpg", "Is it blue?", "no"),  # image 1: both right
-         ("color/2.jpg", "Is it red?", "yes"), ("color/2.jpg", "Is it blue?", "Yes"),  # image 2: one right
-         ("code_reasoning/7.png", "Does it print 2?", "y"), ("code_reasoning/7.png", "Does it print 3?", "maybe")]
-    questions = [{"question_id": f"{img}-{i}", "image": img, "text": text + suffix, "category": img.split("/")[0]}
-                 for i, (img, text, _) in enumerate(q)]
-    answers = [{"question_id": f"{img}-{i}", "prompt": text, "text": a} for i, (img, text, a) in enumerate(q)]
+    questions = [{"question_id": qid, "image": qid, "text": text + suffix, "category": qid.split("/")[0]}
+                 for qid, text, _, _ in MME_CASES]
+    answers = [{"question_id": qid, "prompt": text + suffix, "text": answer, "answer_id": str(i),
+                "model_id": "llava-v1.5-13b", "metadata": {}}
+               for i, (qid, text, _, answer) in enumerate(MME_CASES) if answer is not None]
     metrics = benchmarks.score_mme(write_jsonl(tmp_path / "q.jsonl", questions),
-                                   write_jsonl(tmp_path / "a.jsonl", answers), str(root))
-    assert metrics["subtasks"]["color"] == {"acc": 75.0, "acc_plus": 50.0, "score": 125.0}
-    assert metrics["subtasks"]["code_reasoning"] == {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}
-    assert (metrics["perception"], metrics["cognition"]) == (125.0, 50.0)
-    assert [benchmarks.mme_label(t) for t in ["Yes.", "NO", "n", "yes, it is", "Not really", "maybe"]] == \
-        ["yes", "no", "no", "yes", "no", "other"]
+                                   write_jsonl(tmp_path / "a.jsonl", answers), str(tmp_path / "MME"))
+    assert {s: v["score"] for s, v in metrics["subtasks"].items()} == {"count": 125.0, "position": 200.0,
+                                                                       "artwork": 50.0, "code_reasoning": 50.0}
+    assert metrics["subtasks"]["count"] == {"acc": 75.0, "acc_plus": 50.0, "score": 125.0}
+    assert (metrics["perception"], metrics["cognition"], metrics["missing"]) == (375.0, 50.0, 1)
+    del answers[0]["prompt"]  # an answer must say which of its image's questions it answers
+    with pytest.raises(benchmarks.DataError, match="prompt"):
+        benchmarks.score_mme(str(tmp_path / "q.jsonl"), write_jsonl(tmp_path / "a.jsonl", answers),
+                             str(tmp_path / "MME"))
+
+
+def test_mme_reads_yes_and_no_as_its_calculation_py():
+    """parse_pred_ans of eval_tool/calculation.py on the lower-cased response: exactly yes/no, else yes or no within
+    its first 4 characters; no stripping, no dropping of ".", no lone y/n (those are lmms-eval's)."""
+    replies = ["Yes", "NO", "Yes.", "no.", "yes, it is", "Not really", "None", "y", "n", "Y.", "  yes", "maybe",
+               "I think yes", "Church", ""]
+    assert [benchmarks.mme_label(t) for t in replies] == \
+        ["yes", "no", "yes", "no", "yes", "no", "no", "other", "other", "other", "other", "other", "other", "other",
+         "other"]
 
 
 def test_gqa_lowercases_and_strips_the_trailing_period(tmp_path):
