@@ -183,7 +183,7 @@ class ChatFormat:
             raise ValueError(f"{type(tokenizer).__name__} gives no character offsets; load a fast (tokenizers) tokenizer")
         self.tokenizer, self.template, self.image_tokens = tokenizer, template, image_tokens
         # LLaVA's own templates rely on the tokenizer's BOS (one, at the very front); chat templates write their own.
-        self.prefix = [] if template == "chat_template" else tokenizer("").input_ids
+        self.prefix = [] if template == "chat_template" else special_prefix(tokenizer)
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0)
                            if i is not None)
 
@@ -229,6 +229,18 @@ class ChatFormat:
             raise DataError(f"{where}: reply {seen.index(0)} has no tokens of its own; the template and tokenizer "
                             "cannot be aligned")
         return ids, labels
+
+
+def special_prefix(tokenizer):
+    """The special tokens the tokenizer puts before a text (BOS), without those it puts after one (EOS, with Llama's
+    add_eos_token=True): LLaVA's templates write each EOS where a reply ends, so a sequence starts with BOS only, and
+    encoding the empty string (BOS + EOS there) is not the prefix."""
+    text, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+    start = next((i for i in range(len(full) - len(text) + 1) if full[i:i + len(text)] == text), None)
+    if start is None:
+        raise ValueError(f"{type(tokenizer).__name__} changes a text's tokens when it adds its special tokens, so "
+                         "the tokens it adds before a text cannot be told apart; use a Llama-style tokenizer")
+    return full[:start]
 
 
 def truncate(ids, labels, max_length, where):
