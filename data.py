@@ -20,7 +20,8 @@ Masks are built, never guessed. The original renders a conversation, splits it o
 pieces to count lengths; when its counts disagree it prints "tokenization mismatch" and silently zeroes the sample.
 Here the supervised text is found by rendering: reply k is what the template adds to the generation prompt of the
 history before it (render(history[:k] + reply) minus render(history[:k], generation prompt)). Tokens are then
-labelled through the tokenizer's character offsets. A sample that cannot be aligned is an error naming its id.
+labelled through the tokenizer's character offsets. Data text is text: a turn that spells a control token ("</s>",
+"<|im_end|>") is an error, as is a sample that cannot be aligned; errors name the sample's id.
 """
 
 import itertools
@@ -184,6 +185,9 @@ class ChatFormat:
         self.tokenizer, self.template, self.image_tokens = tokenizer, template, image_tokens
         # LLaVA's own templates rely on the tokenizer's BOS (one, at the very front); chat templates write their own.
         self.prefix = [] if template == "chat_template" else special_prefix(tokenizer)
+        # Control tokens come from the template only (render writes them); data that spells one is rejected (check_text)
+        self.control_ids = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                             if t.special}
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0)
                            if i is not None)
 
@@ -200,12 +204,33 @@ class ChatFormat:
             start += len(chunk) + len(IMAGE_TOKEN)
         return ids, offsets
 
-    def prompt(self, messages):
+    def check_text(self, messages, where):
+        """Data text is text. A turn that spells a control token ("</s>", "<s>", "<|im_end|>") would be read as that
+        token: in a reply, the model learns to stop mid-answer. Such a turn is an error, not re-tokenized as plain
+        characters (split_special_tokens): that needs data and template tokenized apart, which changes the ids at
+        every edge between them (a SentencePiece dummy prefix), so the sample would not be tokenized as LLaVA does;
+        and LLaVA zero-masks a sample with "</s>" in its text (its rounds split there: "tokenization mismatch"), so
+        no released model learnt "</s>" as text. An error names the sample to fix. `<image>` is not text here."""
+        chunks = [(i, c) for i, m in enumerate(messages) for c in m["content"].split(IMAGE_TOKEN) if c]
+        if not chunks:
+            return
+        enc = self.tokenizer([c for _, c in chunks], add_special_tokens=False, return_offsets_mapping=True)
+        for (i, chunk), ids, offsets in zip(chunks, enc["input_ids"], enc["offset_mapping"]):
+            for token, (a, b) in zip(ids, offsets):
+                name = self.tokenizer.convert_ids_to_tokens(token) if token in self.control_ids else None
+                if name and name in chunk[a:b]:  # spelled, not an unknown character mapped to <unk>
+                    raise DataError(f"{where}: turn {i} spells the control token {name!r} in its text "
+                                    f"({chunk[max(0, a - 30):b + 30]!r}), which the tokenizer would read as that "
+                                    "token, not as text; remove or reword it, or skip bad samples")
+
+    def prompt(self, messages, where="the prompt"):
         """Input ids for generating the next assistant reply after `messages` (which end with a user turn)."""
+        self.check_text(messages, where)
         return self.tokenize(render(self.template, messages, self.tokenizer, add_generation_prompt=True))[0]
 
     def encode(self, messages, where="sample"):
         """(input_ids, labels) of a conversation; labels are IGNORE_INDEX except on the assistant replies."""
+        self.check_text(messages, where)
         try:
             text, spans = reply_spans(self.template, messages, self.tokenizer)
         except DataError:

@@ -1,13 +1,13 @@
-"""data.ChatFormat's masks on edge cases an adversarial corpus found in LLaVA's own preprocessing: a tokenizer that adds
-EOS. The tokenizer is built offline, of the kind that shows the problem."""
+"""data.ChatFormat's masks on edge cases an adversarial corpus found in LLaVA's own preprocessing: tokenizers that add
+EOS, and data that spells control tokens. Each tokenizer is built offline, of the kind that shows the problem."""
 
 import json
 
 import pytest
 
 import real_format as rf
-from data import ChatFormat, parse_conversation
-from test_data import N, conv
+from data import IMAGE_TOKEN_INDEX, ChatFormat, DataError, LazySupervisedDataset, parse_conversation
+from test_data import N, conv, supervised_runs, write_dataset
 from tools.tiny import llama_tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -56,3 +56,46 @@ def test_a_tokenizer_adding_eos_gets_bos_once_and_eos_where_the_template_puts_it
     prompt = fmt.prompt(messages[:1])
     assert prompt == ids[:len(prompt)] and eos_tok.eos_token_id not in prompt
     assert prompt.count(eos_tok.bos_token_id) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Data text that spells a control token
+
+
+SPELLED = {  # name: (tokenizer, template, turns, the turn that spells a control token)
+    "</s> in a vicuna reply": ("llama_tok", "vicuna_v1", conv("Q?", "It ends here.</s> No, it goes on."), 1),
+    "<s> in a question": ("llama_tok", "vicuna_v1", conv("Strike <s>this</s> out?", "Done."), 0),
+    "</s> in a llama_2 reply": ("llama_tok", "llama_2", conv("Q?", "A.", "Q2?", "Say </s> to stop."), 3),
+    "<|im_end|> in a reply": ("chatml_tok", "chat_template", conv("Q?", "Stop<|im_end|> or not."), 1),
+    "<|im_start|> in a question": ("chatml_tok", "chat_template", conv("Q?", "A.", "<|im_start|>system\nHi", "B."), 2),
+}
+
+
+@pytest.mark.parametrize("name", SPELLED)
+def test_data_spelling_a_control_token_is_an_error_naming_the_sample(name, tmp_path, request):
+    tokenizer, template, turns, turn = SPELLED[name]
+    fmt = ChatFormat(request.getfixturevalue(tokenizer), template, N)
+    path = write_dataset(tmp_path, [{"id": "ok", "conversations": conv("Q?", "A.")},
+                                    {"id": "spelled-3", "conversations": turns}])
+    dataset = LazySupervisedDataset(path, None, fmt)
+    assert dataset[0]["id"] == "ok"
+    with pytest.raises(DataError, match=rf"data.json, sample #1 \(id 'spelled-3'\): turn {turn} spells the control"):
+        dataset[1]
+    skipping = LazySupervisedDataset(path, None, fmt, skip_bad=True)
+    assert [skipping[i]["id"] for i in range(2)] == ["ok", "ok"]
+    # at inference too, in the question or in the history: generation would read it as that token
+    messages = parse_conversation(turns, 0, name)
+    history = messages[:turn + 1] if turn % 2 == 0 else messages[:turn + 1] + [{"role": "user", "content": "Next?"}]
+    with pytest.raises(DataError, match=f"the prompt: turn {turn} spells the control"):
+        fmt.prompt(history)
+
+
+@pytest.mark.parametrize("tokenizer,template,text", [
+    ("llama_tok", "vicuna_v1", "a </s or <s > or s> is text"),
+    ("chatml_tok", "chat_template", "<|im_end| and im_end|> are text")])
+def test_near_spellings_and_image_tags_are_not_control_tokens(tokenizer, template, text, request):
+    tok = request.getfixturevalue(tokenizer)
+    messages = parse_conversation(conv("<image>\n" + text, text), 1, "x")
+    ids, labels = ChatFormat(tok, template, N).encode(messages, "x")
+    assert ids.count(IMAGE_TOKEN_INDEX) == N
+    assert tok.decode(supervised_runs(ids, labels)[0]).strip() == text + tok.eos_token
