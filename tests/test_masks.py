@@ -1,14 +1,91 @@
-"""data.ChatFormat's masks on edge cases an adversarial corpus found in LLaVA's own preprocessing: tokenizers that add
-EOS, and data that spells control tokens. Each tokenizer is built offline, of the kind that shows the problem."""
+"""data.ChatFormat's masks on the edge cases an adversarial corpus found in LLaVA's own preprocessing: tokenizers
+that merge a reply's first characters into the template, tokenizers that add EOS, and data that spells control
+tokens. Each tokenizer is built offline, of the kind that shows the problem."""
 
 import json
 
 import pytest
 
 import real_format as rf
-from data import IMAGE_TOKEN_INDEX, ChatFormat, DataError, LazySupervisedDataset, parse_conversation
-from test_data import N, conv, supervised_runs, write_dataset
-from tools.tiny import llama_tokenizer
+from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatFormat, DataError, LazySupervisedDataset, parse_conversation,
+                  render)
+from test_data import CONVERSATIONS, N, conv, supervised_runs, write_dataset
+from tools.tiny import CHATML, CORPUS, llama_tokenizer
+
+# Qwen2's pre-tokenizer split (its tokenizer.json): `\s*[\r\n]+` makes one pre-token of whitespace ending in newlines
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
+
+
+@pytest.fixture(scope="module")
+def qwen2_tok():
+    """Qwen2-like: Qwen2's split regex then byte-level, a small BPE trained on text with blank lines (so "\\n\\n" and
+    "\\n " are single tokens, as in Qwen2's vocabulary), ChatML turns ending with <|im_end|>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = CORPUS + ["one line\n\ntwo lines\n \nthree\n\n\nfour\n  \nthe end"]
+    tok.train_from_iterator(corpus * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf.chat_template = CHATML
+    # what the test is about: the template's "\n" and a reply's first whitespace in one token
+    assert hf.tokenize("\n\n") == ["ĊĊ"] and hf.tokenize("\n \n")[0] == "ĊĠ"
+    return hf
+
+
+def reply_starts(labels):
+    return [i for i in range(len(labels)) if labels[i] != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. A tokenizer that merges the template's newline with a reply's leading whitespace
+
+
+WHITESPACE_REPLIES = {
+    "newline first": conv("<image>\nWhat is in the image?", "\nA cat.", "And the color?", " \nIt is orange."),
+    "blank lines": conv("What is this?", "\n\nTwo lines.\n", "More?", "\n  \nThe end."),
+    "spaces then newline": conv("<image>\nWhat is in the image?", "  \nA cat.", "Is there a dog?", "No, there is not."),
+    "no leading whitespace": conv("What is this?", "A cat.", "And the color?", "It is orange."),
+}
+
+
+@pytest.mark.parametrize("name", WHITESPACE_REPLIES)
+@pytest.mark.parametrize("tokenizer", ["qwen2_tok", "chatml_tok"])
+def test_supervised_tokens_are_the_reply_and_the_prompt_is_a_prefix(name, tokenizer, request):
+    tok = request.getfixturevalue(tokenizer)
+    turns = WHITESPACE_REPLIES[name]
+    n_images = turns[0]["value"].count("<image>")
+    messages = parse_conversation(turns, n_images, name)
+    fmt = ChatFormat(tok, "chat_template", N)
+    ids, labels = fmt.encode(messages, name)
+    # exactly each reply and its end token: not one character of the template's "assistant\n"
+    assert [tok.decode(r) for r in supervised_runs(ids, labels)] == [t["value"] + "<|im_end|>" for t in turns[1::2]]
+    # what the model reads before reply k is what generation feeds it for that history
+    for k, start in enumerate(reply_starts(labels)):
+        assert fmt.prompt(messages[:2 * k + 1]) == ids[:start]
+    # and the ids spell the text, cut or not
+    assert ids.count(IMAGE_TOKEN_INDEX) == n_images * N
+    assert fmt.spelled(ids) == render("chat_template", messages, tok).replace("<image>", "")
+
+
+def test_a_merge_the_tokenizer_cannot_undo_is_an_error_naming_the_sample():
+    """A SentencePiece-style tokenizer puts its dummy-prefix "▁" before a text tokenized on its own, so a reply cut
+    from a template that merges into it would read " \\nA cat."; no tokenization is both exact and prefix-consistent."""
+    tok = llama_tokenizer(corpus=CORPUS + ["[/INST]\n\nA cat.\n\nTwo.\n\n"] * 5)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'] }} "
+                         "[/INST]\n{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    fmt = ChatFormat(tok, "chat_template", N)
+    ids, labels = fmt.encode(parse_conversation(conv("Hi?", "A cat."), 0, "x"), "x")
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "A cat.</s>"
+    with pytest.raises(DataError, match=r"id 'nl-1'\): the tokenizer merges the start of the reply in turn 1"):
+        fmt.encode(parse_conversation(conv("Hi?", "\nA cat."), 0, "x"), "data.json, sample #0 (id 'nl-1')")
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. A tokenizer that adds EOS (Llama's add_eos_token=True)
@@ -99,3 +176,12 @@ def test_near_spellings_and_image_tags_are_not_control_tokens(tokenizer, templat
     ids, labels = ChatFormat(tok, template, N).encode(messages, "x")
     assert ids.count(IMAGE_TOKEN_INDEX) == N
     assert tok.decode(supervised_runs(ids, labels)[0]).strip() == text + tok.eos_token
+
+
+def test_the_conversations_of_test_data_are_unchanged(llama_tok, chatml_tok):
+    """The fixes leave every ordinary sample as it was: no cut, no rejection, LLaVA's ids."""
+    for turns, n_images in CONVERSATIONS.values():
+        messages = parse_conversation(turns, n_images, "x")
+        for tok, template in [(llama_tok, "vicuna_v1"), (llama_tok, "llama_2"), (chatml_tok, "chat_template")]:
+            fmt = ChatFormat(tok, template, N)
+            assert fmt.encode(messages, "x")[0] == fmt.tokenize(render(template, messages, tok))[0]
