@@ -20,9 +20,13 @@ Masks are built, never guessed. The original renders a conversation, splits it o
 pieces to count lengths; when its counts disagree it prints "tokenization mismatch" and silently zeroes the sample.
 Here the supervised text is found by rendering: reply k is what the template adds to the generation prompt of the
 history before it (render(history[:k] + reply) minus render(history[:k], generation prompt)). Tokens are then
-labelled through the tokenizer's character offsets. A sample that cannot be aligned is an error naming its id.
+labelled through the tokenizer's character offsets, and no token crosses the edge of a reply: where a tokenizer would
+merge across one (Qwen2's newlines), the text is cut there, so each generation prompt's ids are a prefix of the
+training ids. Data text is text: a turn that spells a control token ("</s>", "<|im_end|>") is an error, as is a
+sample that cannot be aligned; errors name the sample's id.
 """
 
+import bisect
 import itertools
 import json
 import logging
@@ -170,7 +174,7 @@ class ChatFormat:
     """Turns conversations into model inputs: the template, the tokenizer and the number of tokens per image.
 
     `encode` builds a training sample (ids + labels); `prompt` builds the ids generation starts from. Both go through
-    the same code, so training and inference cannot drift.
+    the same code, so training and inference cannot drift: the prompt for a history is a prefix of the training ids.
     """
 
     def __init__(self, tokenizer, template, image_tokens):
@@ -183,36 +187,112 @@ class ChatFormat:
             raise ValueError(f"{type(tokenizer).__name__} gives no character offsets; load a fast (tokenizers) tokenizer")
         self.tokenizer, self.template, self.image_tokens = tokenizer, template, image_tokens
         # LLaVA's own templates rely on the tokenizer's BOS (one, at the very front); chat templates write their own.
-        self.prefix = [] if template == "chat_template" else tokenizer("").input_ids
+        self.prefix = [] if template == "chat_template" else special_prefix(tokenizer)
+        # Control tokens come from the template only (render writes them); data that spells one is rejected (check_text)
+        self.control_ids = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                             if t.special}
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0)
                            if i is not None)
 
-    def tokenize(self, text):
-        """LLaVA's tokenizer_image_token: ids with image_tokens placeholders per `<image>`, and each id's char span."""
-        ids, offsets, start = list(self.prefix), [(0, 0)] * len(self.prefix), 0
-        for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
-            if i > 0:
-                ids += [IMAGE_TOKEN_INDEX] * self.image_tokens
-                offsets += [(start - len(IMAGE_TOKEN), start)] * self.image_tokens
-            enc = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
-            ids += enc["input_ids"]
-            offsets += [(start + a, start + b) for a, b in enc["offset_mapping"]]
-            start += len(chunk) + len(IMAGE_TOKEN)
+    def tokenize(self, text, cuts=()):
+        """LLaVA's tokenizer_image_token: ids with image_tokens placeholders per `<image>`, and each id's char span.
+
+        `cuts` are character positions no token may cross: the text between two cuts is tokenized on its own, as the
+        text between two images is (history_ids says when a reply's edge needs one)."""
+        ids, offsets = list(self.prefix), [(0, 0)] * len(self.prefix)
+        bounds = [0, *cuts, len(text)]
+        for begin, end in zip(bounds, bounds[1:]):
+            start = begin
+            for i, chunk in enumerate(text[begin:end].split(IMAGE_TOKEN)):
+                if i > 0:
+                    ids += [IMAGE_TOKEN_INDEX] * self.image_tokens
+                    offsets += [(start - len(IMAGE_TOKEN), start)] * self.image_tokens
+                enc = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                ids += enc["input_ids"]
+                offsets += [(start + a, start + b) for a, b in enc["offset_mapping"]]
+                start += len(chunk) + len(IMAGE_TOKEN)
         return ids, offsets
 
-    def prompt(self, messages):
+    def history_ids(self, text, spans, where):
+        """Ids and offsets of `text`, a rendering whose assistant replies are at `spans`, such that no token crosses
+        the edge of a reply and the generation prompt before each reply (text[:start]) tokenizes to a prefix of them.
+
+        Normally that is the plain tokenization, LLaVA's ids. Some tokenizers merge across an edge: Qwen2's
+        pre-tokenizer makes one token of the template's "\\n" and a reply's leading "\\n" (or " \\n"), so the
+        template's newline would be supervised and the ids would not start with the prompt the model is later given.
+        There the text is cut at the edge and each side tokenized on its own (as around an image), so the model learns
+        to write the reply after exactly the prompt ids inference feeds it; we cut rather than reject because for
+        byte-level tokenizers the cut ids spell the same text. Whether reply k's edges are cut is decided on the text up
+        to the next generation prompt, which is what `prompt` tokenizes for that history, so both decide alike.
+        """
+        cuts = []
+        ids, offsets = self.tokenize(text[:spans[0][0]] if spans else text)  # the first generation prompt, or all
+        for k, (start, end) in enumerate(spans):
+            stop, before = spans[k + 1][0] if k + 1 < len(spans) else len(text), ids  # before: the prompt's ids
+            while True:
+                ids, offsets = self.tokenize(text[:stop], cuts)
+                if crosses(offsets, end) and end not in cuts:
+                    edge = end
+                elif (crosses(offsets, start) or ids[:len(before)] != before) and start not in cuts:
+                    edge = start
+                else:
+                    break
+                cuts = sorted(cuts + [edge])
+                # Tokenized on its own, a side may read differently: a SentencePiece tokenizer puts its dummy-prefix
+                # "▁" at the start of a text. Then no tokenization is both exact and prefix-consistent.
+                if self.spelled(self.tokenize(text[:stop], cuts)[0]) != self.spelled(self.tokenize(text[:stop])[0]):
+                    raise DataError(
+                        f"{where}: the tokenizer merges the {'start' if edge == start else 'end'} of the reply in turn "
+                        f"{2 * k + 1} with the template's text next to it ({text[max(0, edge - 20):edge]!r} | "
+                        f"{text[edge:edge + 20]!r}), and the reply tokenized on its own reads differently; change the "
+                        "reply's first or last characters (leading whitespace, usually), or skip bad samples")
+        return ids, offsets
+
+    def spelled(self, ids):
+        """The text that ids (image placeholders left out) decode to, spaces as they are."""
+        return self.tokenizer.decode([i for i in ids if i >= 0], clean_up_tokenization_spaces=False)
+
+    def check_text(self, messages, where):
+        """Data text is text. A turn that spells a control token ("</s>", "<s>", "<|im_end|>") would be read as that
+        token: in a reply, the model learns to stop mid-answer. Such a turn is an error, not re-tokenized as plain
+        characters (split_special_tokens): that needs data and template tokenized apart, which changes the ids at
+        every edge between them (a SentencePiece dummy prefix), so the sample would not be tokenized as LLaVA does;
+        and LLaVA zero-masks a sample with "</s>" in its text (its rounds split there: "tokenization mismatch"), so
+        no released model learnt "</s>" as text. An error names the sample to fix. `<image>` is not text here."""
+        chunks = [(i, c) for i, m in enumerate(messages) for c in m["content"].split(IMAGE_TOKEN) if c]
+        if not chunks:
+            return
+        enc = self.tokenizer([c for _, c in chunks], add_special_tokens=False, return_offsets_mapping=True)
+        for (i, chunk), ids, offsets in zip(chunks, enc["input_ids"], enc["offset_mapping"]):
+            for token, (a, b) in zip(ids, offsets):
+                name = self.tokenizer.convert_ids_to_tokens(token) if token in self.control_ids else None
+                if name and name in chunk[a:b]:  # spelled, not an unknown character mapped to <unk>
+                    raise DataError(f"{where}: turn {i} spells the control token {name!r} in its text "
+                                    f"({chunk[max(0, a - 30):b + 30]!r}), which the tokenizer would read as that "
+                                    "token, not as text; remove or reword it, or skip bad samples")
+
+    def prompt(self, messages, where="the prompt"):
         """Input ids for generating the next assistant reply after `messages` (which end with a user turn)."""
-        return self.tokenize(render(self.template, messages, self.tokenizer, add_generation_prompt=True))[0]
+        self.check_text(messages, where)
+        text = render(self.template, messages, self.tokenizer, add_generation_prompt=True)
+        try:
+            history, spans = reply_spans(self.template, messages, self.tokenizer)
+        except ValueError:  # a template that is not incremental: no such history is a training sample (encode)
+            history, spans = text, []
+        if not text.startswith(history):
+            spans = []  # likewise: the generation prompt does not continue the history
+        return self.history_ids(text, spans, where)[0]
 
     def encode(self, messages, where="sample"):
         """(input_ids, labels) of a conversation; labels are IGNORE_INDEX except on the assistant replies."""
+        self.check_text(messages, where)
         try:
             text, spans = reply_spans(self.template, messages, self.tokenizer)
         except DataError:
             raise
         except ValueError as e:
             raise DataError(f"{where}: {e}") from e
-        ids, offsets = self.tokenize(text)
+        ids, offsets = self.history_ids(text, spans, where)
         supervised = bytearray(len(text))
         for a, b in spans:
             supervised[a:b] = b"\x01" * (b - a)
@@ -220,7 +300,7 @@ class ChatFormat:
         for i, (tok, (a, b)) in enumerate(zip(ids, offsets)):
             if tok == IMAGE_TOKEN_INDEX or not any(supervised[a:b]):
                 continue
-            if not all(supervised[c] or text[c].isspace() for c in range(a, b)):
+            if not all(supervised[a:b]):  # history_ids cuts every such token; this guards the invariant
                 raise DataError(f"{where}: token {self.tokenizer.convert_ids_to_tokens(tok)!r} spans both a reply "
                                 f"and the text around it ({text[a:b]!r}); the template and tokenizer cannot be aligned")
             labels[i] = tok
@@ -229,6 +309,25 @@ class ChatFormat:
             raise DataError(f"{where}: reply {seen.index(0)} has no tokens of its own; the template and tokenizer "
                             "cannot be aligned")
         return ids, labels
+
+
+def crosses(offsets, position):
+    """Whether a token's character span (a, b) straddles `position`. Spans are in text order and do not overlap, so
+    only the last token starting before it can."""
+    i = bisect.bisect_left(offsets, position, key=lambda span: span[0])
+    return i > 0 and offsets[i - 1][1] > position
+
+
+def special_prefix(tokenizer):
+    """The special tokens the tokenizer puts before a text (BOS), without those it puts after one (EOS, with Llama's
+    add_eos_token=True): LLaVA's templates write each EOS where a reply ends, so a sequence starts with BOS only, and
+    encoding the empty string (BOS + EOS there) is not the prefix."""
+    text, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+    start = next((i for i in range(len(full) - len(text) + 1) if full[i:i + len(text)] == text), None)
+    if start is None:
+        raise ValueError(f"{type(tokenizer).__name__} changes a text's tokens when it adds its special tokens, so "
+                         "the tokens it adds before a text cannot be told apart; use a Llama-style tokenizer")
+    return full[:start]
 
 
 def truncate(ids, labels, max_length, where):
