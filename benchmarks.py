@@ -17,18 +17,33 @@ One section per benchmark, each with its rule, its scorer and its flags, and the
   over judge runs); the judge that writes the reviews is judge.py (llava/eval/eval_gpt_review_bench.py).
 All paths are in haotian-liu/LLaVA unless said otherwise.
 
+The rest of LLaVA-1.5's table:
+- MMBench, MMBench-CN: llava/eval/model_vqa_mmbench.py (the prompt from the TSV), open-compass/VLMEvalKit's
+  CircularEval and rule-based matching (vlmeval/evaluate/multiple_choice.py, vlmeval/utils/matching_util.py), and
+  scripts/convert_mmbench_for_submission.py (the server's .xlsx, written here with the standard library);
+- SEED-Bench: scripts/convert_seed_for_submission.py (exact letter match; image and video accuracy);
+- MM-Vet: yuweihao/MM-Vet mm-vet_evaluator.py (a GPT grader's 0-1 score, per capability; judge.py asks it) and
+  scripts/convert_mmvet_for_eval.py;
+- submission files for VQAv2 and VizWiz on EvalAI: scripts/convert_vqav2_for_submission.py,
+  scripts/convert_vizwiz_for_submission.py.
+
 The same rules for bad input everywhere: a question without an answer counts as wrong and is reported; an answer to a
 question the question file does not have, or a malformed line, is an error naming the file and line. A new benchmark is
 one more section and one more entry in BENCHMARKS at the end.
 """
 
+import base64
+import binascii
+import csv
 import json
 import os
 import re
 import sys
-from collections import defaultdict
+import zipfile
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable
+from xml.sax.saxutils import escape
 
 import judge
 from data import DataError, read_samples
@@ -452,6 +467,401 @@ def llava_bench_flags(p):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# MMBench, MMBench-CN dev: LLaVA's prompt (llava/eval/model_vqa_mmbench.py), the official CircularEval
+# (open-compass/VLMEvalKit vlmeval/evaluate/multiple_choice.py), and the xlsx the server takes
+# (scripts/convert_mmbench_for_submission.py). The dev TSV already holds the rotated copies (4,377 rows, 1,176
+# questions), so LLaVA's v1.5 scripts ask each row once. Checked on LLaVA-1.5-13B's released dev answers and upload
+# (haotian-liu/LLaVA at 32cebc3; the TSV rebuilt from the upload's columns, no images needed): 796 / 1,176 = 67.69
+# here, the published 67.7; the .xlsx written here reads back (pandas.read_excel, openpyxl) cell for cell as LLaVA's.
+
+MMBENCH_LETTERS = ("A", "B", "C", "D")
+# What pandas.read_table reads as NaN by default: the cells LLaVA's pandas saw as missing
+PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+             "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+CIRCULAR = 1_000_000  # the TSV's rotated copies of question i are rows i + k * 1e6; the official tool groups by % 1e6
+MMBENCH_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                    "I'm sorry, but without the image provided", "Cannot determine the answer")
+
+
+def mmbench_missing(value):
+    """LLaVA's is_none over what pandas read: an empty or absent cell, one of pandas' NaN strings, "nan" or "none"."""
+    return value is None or value in PANDAS_NA or value.lower() in ("nan", "none")
+
+
+def read_mmbench(path):
+    """(column names, rows as dicts of strings, "index" an int) of an MMBench TSV, read with csv as pandas reads it
+    (tab-separated, '"'-quoted). The base64 images make fields far longer than csv's default limit."""
+    csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        columns = reader.fieldnames or []
+        if not {"index", "question", "A", "B"} <= set(columns):
+            raise DataError(f"{path}: not an MMBench TSV (columns {columns[:8]}; it needs index, question, A, B, ...)")
+        rows = list(reader)
+    for n, row in enumerate(rows, 1):
+        try:
+            row["index"] = int(row["index"])
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: row {n} has the index {row['index']!r}, not an integer") from None
+    return columns, rows
+
+
+def mmbench_rounds(row, all_rounds=False):
+    """(round_id, options as shown A, B, ..., their letters in the TSV) per round: the options are A-D up to the first
+    missing one (get_options); with --all-rounds there is one round per option, each rotated one further."""
+    options = []
+    for letter in MMBENCH_LETTERS:
+        if mmbench_missing(row.get(letter)):
+            break
+        options.append(row[letter])
+    letters = list(MMBENCH_LETTERS[:len(options)])
+    return [(r, options[r:] + options[:r], letters[r:] + letters[:r]) for r in range(len(options) if all_rounds else 1)]
+
+
+def mmbench_prompt(row, options):
+    """LLaVA's cur_prompt: "{hint}\\n" when there is a hint, the question, then a line "A. {option}" per option."""
+    question = row["question"] if mmbench_missing(row.get("hint")) else row["hint"] + "\n" + row["question"]
+    return question + "".join(f"\n{letter}. {option}" for letter, option in zip(MMBENCH_LETTERS, options))
+
+
+def mmbench_questions(path, suffix, all_rounds=False):
+    """`evaluate.py run`'s questions from a TSV: (index, image bytes, prompt + suffix, prompt, the answer's round_id,
+    options and option_char) per round. The answer's "prompt" has no suffix, as LLaVA's."""
+    questions = []
+    for row in read_mmbench(path)[1]:
+        try:
+            image = None if mmbench_missing(row.get("image")) else base64.b64decode(row["image"], validate=True)
+        except binascii.Error:
+            raise DataError(f"{path}: question {row['index']}: the image is not base64") from None
+        for r, options, letters in mmbench_rounds(row, all_rounds):
+            prompt = mmbench_prompt(row, options)
+            questions.append((row["index"], image, prompt + suffix, prompt,
+                              {"round_id": r, "options": options, "option_char": letters}))
+    return questions
+
+
+def mmbench_letter(text, choices):
+    """The official tool's rule-based match (VLMEvalKit's can_infer; its exact-matching mode, no GPT): the one option
+    letter that stands as a word once .()[],:;!*#{} are spaces; else the one option whose text is in the answer
+    (case-insensitive); else None, as for a refusal or a lone "Z" (none of them): wrong."""
+    if any(refusal in text for refusal in MMBENCH_REFUSALS):
+        return None
+    words = re.sub(r"[.()\[\],:;!*#{}]", " ", text).split()
+    found = [letter for letter in choices if letter in words]
+    if len(found) == 1:
+        return found[0]
+    if not found and "Z" in words:
+        return None
+    found = [letter for letter, option in choices.items() if option.lower() in text.lower()]
+    return found[0] if len(found) == 1 else None
+
+
+def score_mmbench(questions_path, answers_path):
+    """CircularEval: a question is right only if every row of its group (the question and its rotated copies, rows
+    index % 1e6; with --all-rounds answers, every round of each) has the answer's letter. Overall, per category and
+    per l2-category over the questions (rows below 1e6); vanilla_accuracy counts each question's own row alone."""
+    _, rows = read_mmbench(questions_path)
+    if any(mmbench_missing(row.get("answer")) for row in rows):
+        raise DataError(f"{questions_path}: rows without an answer (a test split?); score a dev split, submit a test "
+                        "split with `score mmbench_submit`")
+    by_index = {row["index"]: row for row in rows}
+    answers = {}
+    for a in read_jsonl(answers_path):
+        if int(a["question_id"]) not in by_index:
+            raise DataError(f"{answers_path}: question {a['question_id']} is not in {questions_path}; is this the "
+                            "answers file of another benchmark?")
+        answers[int(a["question_id"]), int(a.get("round_id", 0))] = a["text"]
+    all_rounds = any(r > 0 for _, r in answers)
+    group, vanilla, missing = defaultdict(list), {}, 0
+    for row in rows:
+        for r, options, letters in mmbench_rounds(row, all_rounds):
+            text = answers.get((row["index"], r))
+            missing += text is None
+            letter = None if text is None else mmbench_letter(text, dict(zip(MMBENCH_LETTERS, options)))
+            right = letter is not None and letters[MMBENCH_LETTERS.index(letter)] == row["answer"].strip()
+            group[row["index"] % CIRCULAR].append(right)
+            vanilla.setdefault(row["index"], right)
+    if missing:
+        print(f"warning: {missing} rows or rounds have no answer; their questions count as wrong", file=sys.stderr)
+    main = [row for row in rows if row["index"] < CIRCULAR]
+    hits = {row["index"]: all(group[row["index"]]) for row in main}
+
+    def accuracy(subset):
+        return 100 * sum(hits[row["index"]] for row in subset) / len(subset)
+
+    metrics = {"accuracy": accuracy(main), "correct": sum(hits.values()), "questions": len(main),
+               "vanilla_accuracy": 100 * sum(vanilla[row["index"]] for row in main) / len(main),
+               "rows": len(rows), "rounds": "all" if all_rounds else 1, "missing": missing}
+    for column in ("l2-category", "category"):
+        if column in rows[0]:
+            names = sorted({row[column] for row in main})
+            metrics[column] = {n: accuracy([row for row in main if row[column] == n]) for n in names}
+    return metrics
+
+
+def mmbench_flags(p):
+    p.add_argument("--questions", required=True, help="the dev TSV (mmbench_dev_20230712.tsv, "
+                                                      "mmbench_dev_cn_20231003.tsv), the answer key in it")
+    p.add_argument("--answers", required=True, help="the answers file of `evaluate.py run --questions TSV`")
+
+
+XLSX_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")  # not allowed in XML 1.0 (openpyxl refuses them too)
+XLSX_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+XLSX_RELS = "http://schemas.openxmlformats.org/package/2006/relationships"
+XLSX_DOC = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+XLSX_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml"
+XLSX_PARTS = {
+    "[Content_Types].xml": '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+    '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+    '<Default Extension="xml" ContentType="application/xml"/>'
+    f'<Override PartName="/xl/workbook.xml" ContentType="{XLSX_TYPE}.sheet.main+xml"/>'
+    f'<Override PartName="/xl/worksheets/sheet1.xml" ContentType="{XLSX_TYPE}.worksheet+xml"/>'
+    f'<Override PartName="/xl/styles.xml" ContentType="{XLSX_TYPE}.styles+xml"/></Types>',
+    "_rels/.rels": f'<Relationships xmlns="{XLSX_RELS}"><Relationship Id="rId1" Type="{XLSX_DOC}/officeDocument" '
+    'Target="xl/workbook.xml"/></Relationships>',
+    "xl/workbook.xml": f'<workbook xmlns="{XLSX_MAIN}" xmlns:r="{XLSX_DOC}"><sheets>'
+    '<sheet name="Sheet1" sheetId="1" r:id="rId1"/></sheets></workbook>',
+    "xl/_rels/workbook.xml.rels": f'<Relationships xmlns="{XLSX_RELS}">'
+    f'<Relationship Id="rId1" Type="{XLSX_DOC}/worksheet" Target="worksheets/sheet1.xml"/>'
+    f'<Relationship Id="rId2" Type="{XLSX_DOC}/styles" Target="styles.xml"/></Relationships>',
+    "xl/styles.xml": f'<styleSheet xmlns="{XLSX_MAIN}"><fonts count="1"><font><sz val="11"/><name val="Calibri"/>'
+    '</font></fonts><fills count="2"><fill><patternFill patternType="none"/></fill><fill><patternFill '
+    'patternType="gray125"/></fill></fills><borders count="1"><border><left/><right/><top/><bottom/><diagonal/>'
+    '</border></borders><cellStyleXfs count="1"><xf numFmtId="0" fontId="0" fillId="0" borderId="0"/></cellStyleXfs>'
+    '<cellXfs count="1"><xf numFmtId="0" fontId="0" fillId="0" borderId="0" xfId="0"/></cellXfs>'
+    '<cellStyles count="1"><cellStyle name="Normal" xfId="0" builtinId="0"/></cellStyles></styleSheet>',
+}
+
+
+def write_xlsx(path, header, rows):
+    """A one-sheet .xlsx from the standard library, laid out as pandas' to_excel (openpyxl) wrote LLaVA's upload:
+    the header row, then a row per entry; ints as numbers, strings as inline strings, None as no cell."""
+    def column(i):
+        return column(i // 26 - 1) + chr(65 + i % 26) if i >= 26 else chr(65 + i)
+
+    def cell(ref, value):
+        if value is None:
+            return ""
+        if isinstance(value, int):
+            return f'<c r="{ref}" t="n"><v>{value}</v></c>'
+        text = XLSX_ILLEGAL.sub("", str(value))
+        space = ' xml:space="preserve"' if text != text.strip() else ""
+        return f'<c r="{ref}" t="inlineStr"><is><t{space}>{escape(text, {chr(13): "&#13;"})}</t></is></c>'
+
+    lines = [f'<row r="{n}">' + "".join(cell(f"{column(i)}{n}", v) for i, v in enumerate(values)) + "</row>"
+             for n, values in enumerate([header, *rows], 1)]
+    sheet = f'<worksheet xmlns="{XLSX_MAIN}"><sheetData>{"".join(lines)}</sheetData></worksheet>'
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, xml in [*XLSX_PARTS.items(), ("xl/worksheets/sheet1.xml", sheet)]:
+            z.writestr(name, '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n' + xml)
+
+
+def mmbench_submission(questions_path, answers_path, out_path):
+    """convert_mmbench_for_submission.py: the TSV without hint, category, source, image, comment, l2-category, a
+    "prediction" column inserted at position 6 (after index, question, A-D) holding each row's answer text (the last
+    round's, as LLaVA's loop leaves it), pandas' NaN cells empty, as an .xlsx."""
+    columns, rows = read_mmbench(questions_path)
+    indices = {row["index"] for row in rows}
+    predictions = {}
+    for a in read_jsonl(answers_path):
+        if int(a["question_id"]) not in indices:
+            raise DataError(f"{answers_path}: question {a['question_id']} is not in {questions_path}")
+        predictions[int(a["question_id"])] = a["text"]
+    header = [c for c in columns if c not in ("hint", "category", "source", "image", "comment", "l2-category")]
+    header.insert(6, "prediction")
+    table = [[row["index"] if c == "index" else predictions.get(row["index"]) if c == "prediction" else
+              None if row.get(c) is None or row[c] in PANDAS_NA else row[c] for c in header] for row in rows]
+    write_xlsx(out_path, header, table)
+    missing = sum(row["index"] not in predictions for row in rows)
+    if missing:
+        print(f"warning: {missing} of {len(rows)} rows have no answer; their prediction cells are empty",
+              file=sys.stderr)
+    return {"submission": out_path, "rows": len(rows), "missing": missing}
+
+
+def submission_flag(p, ext="json"):
+    p.add_argument("--submission", help=f"the file to upload (default: next to the answers, .submission.{ext})")
+
+
+def submission_path(args, ext="json"):
+    answers = args.answers[0] if isinstance(args.answers, list) else args.answers
+    return args.submission or answers.rsplit(".", 1)[0] + f".submission.{ext}"
+
+
+def mmbench_submit_flags(p):
+    p.add_argument("--questions", required=True, help="the TSV `run` answered (dev or test, EN or CN)")
+    p.add_argument("--answers", required=True, help="the answers file of `evaluate.py run --questions TSV`")
+    submission_flag(p, "xlsx")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SEED-Bench (scripts/convert_seed_for_submission.py)
+
+
+def score_seed(annotations_path, answers_path):
+    """LLaVA's rule: right only if the answer is exactly the key's letter (no extraction: "A." is wrong); accuracy per
+    question type and over the image and the video questions of SEED-Bench.json. LLaVA reports image_accuracy."""
+    with open(annotations_path) as f:
+        seed = json.load(f)
+    names = {number: name for name, number in seed["question_type"].items()}
+    questions = seed["questions"]
+    answers = answers_by_id(answers_path, [q["question_id"] for q in questions])
+    counts = defaultdict(lambda: [0, 0])  # type or data type -> [right, total]
+    for q in questions:
+        right = answers.get(str(q["question_id"])) == q["answer"]
+        for key in (names[q["question_type_id"]], q["data_type"], "all"):
+            counts[key][0] += right
+            counts[key][1] += 1
+    metrics = {f"{k}_accuracy": 100 * counts[k][0] / counts[k][1] for k in ("image", "video") if k in counts}
+    metrics.update(accuracy=100 * counts["all"][0] / counts["all"][1],
+                   types={names[n]: 100 * counts[names[n]][0] / counts[names[n]][1] for n in sorted(names)
+                          if names[n] in counts},
+                   image=counts["image"][1], video=counts["video"][1],
+                   missing=missing_report([q["question_id"] for q in questions], answers))
+    return metrics
+
+
+def seed_flags(p):
+    p.add_argument("--annotations", required=True, help="SEED-Bench's SEED-Bench.json (questions, types, the key)")
+    p.add_argument("--answers", required=True, help="the answers file of `evaluate.py run` on llava-seed-bench.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MM-Vet: a GPT grader scores each answer 0-1 against the key (yuweihao/MM-Vet mm-vet_evaluator.py; judge.py asks it).
+# Checked: LLaVA-1.5-13B's released grade files (32cebc3) total 36.1 (1 run) and 36.3, std 0.2, runs 36.1 / 36.5 / 36.3
+# (3 runs) here, as its CSVs; the results file written here from its answers is LLaVA's, byte for byte.
+
+
+def mmvet_results(answers_path, metadata):
+    """scripts/convert_mmvet_for_eval.py: {"v1_{question_id}": answer text}, the results file MM-Vet's grader reads."""
+    results = {f"v1_{a['question_id']}": a["text"] for a in read_jsonl(answers_path)}
+    unknown = sorted(set(results) - set(metadata)) if metadata is not None else []
+    if unknown:
+        raise DataError(f"{answers_path}: {len(unknown)} answers to questions MM-Vet does not have, e.g. {unknown[:3]}")
+    return results
+
+
+def mmvet_scores(metadata, grades, runs):
+    """MM-Vet's export_result: per run, 100 x the mean score of all samples (total), of those with a capability (a
+    sample counts for each of its own), and of those with exactly one combination of capabilities; each the mean over
+    runs rounded to 1 decimal as numpy rounds, and the spread (numpy's std) of the run totals. A sample without a grade
+    (no answer) scores 0."""
+    def score(sample_id, run):
+        scores = grades.get(sample_id, {}).get("score", [])
+        if scores and len(scores) <= run:
+            raise DataError(f"{sample_id} has {len(scores)} grades, fewer than the {runs} runs asked for")
+        return scores[run] if scores else 0.0
+
+    def per_run(ids):
+        return [100 * sum(score(i, run) for i in ids) / len(ids) for run in range(runs)]
+
+    def round1(x):  # numpy's round (rint of x * 10), which the official's np.float64 values get
+        return round(x * 10) / 10
+
+    def combination(sample):
+        return "_".join(sorted(set(sample["capability"])))
+
+    capabilities = Counter(c for sample in metadata.values() for c in set(sample["capability"]))
+    combinations = Counter(combination(sample) for sample in metadata.values())
+    totals = per_run(list(metadata))
+    mean = sum(totals) / runs
+    return {"total": round1(mean), "std": round1((sum((t - mean) ** 2 for t in totals) / runs) ** 0.5),
+            "runs": [round1(t) for t in totals],
+            "capabilities": {c: round1(sum(per_run([i for i, s in metadata.items() if c in s["capability"]])) / runs)
+                             for c, _ in capabilities.most_common()},
+            "combinations": {k: round1(sum(per_run([i for i, s in metadata.items() if combination(s) == k])) / runs)
+                             for k, _ in combinations.most_common()}}
+
+
+def score_mmvet(args):
+    """Grades what the grade file lacks (the API is asked only then), then scores the grades."""
+    with open(args.mmvet_json) as f:
+        metadata = json.load(f)
+    results = mmvet_results(args.answers, metadata)
+    missing = missing_report(list(metadata), results)
+    grades_path = args.grades or args.answers.rsplit(".", 1)[0] + ".mmvet-grades.json"
+    grades = judge.grade_mmvet(metadata, results, grades_path, args.runs, args)
+    return {**mmvet_scores(metadata, grades, args.runs), "grades": grades_path, "missing": missing}
+
+
+def mmvet_flags(p):
+    p.add_argument("--answers", required=True, help="the answers file of `evaluate.py run` on llava-mm-vet.jsonl")
+    p.add_argument("--mmvet-json", required=True, help="MM-Vet's mm-vet.json: each sample's question, key, "
+                                                       "capabilities")
+    p.add_argument("--grades", help="MM-Vet's grade file, read and extended (default: next to the answers)")
+    p.add_argument("--runs", type=int, default=1, help="grading runs (MM-Vet's paper: 5; LLaVA's files: 1 and 3)")
+    judge.add_endpoint_flags(p, "gpt-4-0613")
+
+
+def mmvet_submission(answers_path, out_path):
+    """The results file for MM-Vet's own grader (its notebook or online evaluator), as convert_mmvet_for_eval.py."""
+    results = mmvet_results(answers_path, None)
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=2)
+    return {"submission": out_path, "answers": len(results)}
+
+
+def mmvet_submit_flags(p):
+    p.add_argument("--answers", required=True, help="the answers file of `evaluate.py run` on llava-mm-vet.jsonl")
+    submission_flag(p)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VQAv2 test-dev and VizWiz test: answer files for EvalAI, which keeps the keys
+# (scripts/convert_vqav2_for_submission.py, scripts/convert_vizwiz_for_submission.py). Checked: from LLaVA-1.5-13B's
+# released VizWiz answers, the file written here is its released upload, byte for byte.
+
+
+def vqav2_submission(answer_paths, questions_path, test_path, out_path):
+    """The answer files (per chunk, merged in order, a later line winning, as LLaVA's cat into merge.jsonl and dict
+    do) normalised by EvalAI's answer processor, one {question_id, answer} for every question of the full test2015
+    file, "" where test-dev has no answer (LLaVA's converter fills the rest of test2015 the same way)."""
+    test_dev = [q["question_id"] for q in read_jsonl(questions_path)]
+    answers = {}
+    for path in answer_paths:
+        answers.update(answers_by_id(path, test_dev))
+    test = [q["question_id"] for q in read_jsonl(test_path)]
+    outside = len(set(map(str, test_dev)) - set(map(str, test)))
+    if outside:
+        raise DataError(f"{questions_path}: {outside} questions are not in {test_path}; is that the full test2015 "
+                        "file (llava_vqav2_mscoco_test2015.jsonl)?")
+    rows = [{"question_id": q, "answer": normalize_answer(answers[str(q)]) if str(q) in answers else ""} for q in test]
+    with open(out_path, "w") as f:
+        json.dump(rows, f)
+    return {"submission": out_path, "rows": len(rows), "test_dev": len(test_dev), "answered": len(answers),
+            "missing": missing_report(test_dev, answers)}
+
+
+def vqav2_submit_flags(p):
+    p.add_argument("--questions", required=True, help="the test-dev questions `run` answered "
+                                                      "(llava_vqav2_mscoco_test-dev2015.jsonl)")
+    p.add_argument("--answers", required=True, nargs="+", help="the answers files of `evaluate.py run`, one per "
+                                                               "chunk, merged in this order")
+    p.add_argument("--test-questions", required=True, help="the full test2015 list, every id of which the server "
+                                                           "wants (llava_vqav2_mscoco_test2015.jsonl)")
+    submission_flag(p)
+
+
+def vizwiz_submission(questions_path, answers_path, out_path):
+    """{image, answer} per question of llava_test.jsonl, in its order, the answer normalised by EvalAI's answer
+    processor; "" for a question without an answer (LLaVA's converter stops there instead)."""
+    questions = read_jsonl(questions_path)
+    answers = answers_by_id(answers_path, [q["question_id"] for q in questions])
+    rows = [{"image": q["image"], "answer": normalize_answer(answers[str(q["question_id"])])
+             if str(q["question_id"]) in answers else ""} for q in questions]
+    with open(out_path, "w") as f:
+        json.dump(rows, f)
+    return {"submission": out_path, "rows": len(rows),
+            "missing": missing_report([q["question_id"] for q in questions], answers)}
+
+
+def vizwiz_submit_flags(p):
+    p.add_argument("--questions", required=True, help="VizWiz's test questions `run` answered (llava_test.jsonl)")
+    p.add_argument("--answers", required=True, help="the answers file of `evaluate.py run`")
+    submission_flag(p)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The table: `evaluate.py score NAME` adds NAME's flags to its own sub-command and calls NAME's score with them
 
 
@@ -474,3 +884,23 @@ BENCHMARKS = {
     "llava_bench": Benchmark("LLaVA-Bench relative score from judge reviews, or judging first", llava_bench_flags,
                              judge_and_score),
 }
+
+# The rest of LLaVA-1.5's table; the *_submit entries write the file for a server that keeps its answer key, and their
+# "metrics" say what was written
+BENCHMARKS.update({
+    "mmbench": Benchmark("MMBench / MMBench-CN dev CircularEval accuracy, rule-based letter matching", mmbench_flags,
+                         lambda a: score_mmbench(a.questions, a.answers)),
+    "seed": Benchmark("SEED-Bench accuracy, image (LLaVA's number) and video", seed_flags,
+                      lambda a: score_seed(a.annotations, a.answers)),
+    "mmvet": Benchmark("MM-Vet GPT-graded score, total and per capability (grades what the grade file lacks)",
+                       mmvet_flags, score_mmvet),
+    "mmbench_submit": Benchmark("MMBench / MMBench-CN .xlsx for the OpenCompass server", mmbench_submit_flags,
+                                lambda a: mmbench_submission(a.questions, a.answers, submission_path(a, "xlsx"))),
+    "mmvet_submit": Benchmark("MM-Vet results JSON for MM-Vet's own grader", mmvet_submit_flags,
+                              lambda a: mmvet_submission(a.answers, submission_path(a))),
+    "vqav2_submit": Benchmark("VQAv2 test-dev answers JSON for EvalAI (chunks merged, test2015 ids filled)",
+                              vqav2_submit_flags, lambda a: vqav2_submission(a.answers, a.questions, a.test_questions,
+                                                                             submission_path(a))),
+    "vizwiz_submit": Benchmark("VizWiz test answers JSON for EvalAI", vizwiz_submit_flags,
+                               lambda a: vizwiz_submission(a.questions, a.answers, submission_path(a))),
+})

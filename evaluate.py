@@ -11,26 +11,34 @@
     python evaluate.py score llava_bench --questions questions.jsonl --context context.jsonl \\
         --reference answers_gpt4.jsonl --answers llava_bench.jsonl --runs 3 --reviews-dir reviews/   # asks a judge
     python evaluate.py score pope --help                                  # each benchmark's flags, and only those
+    python evaluate.py run --model DIR --questions mmbench_dev_20230712.tsv --answers mmbench.jsonl \\
+        --suffix "\\nAnswer with the option's letter from the given choices directly." --max-new-tokens 1024
+    python evaluate.py score mmbench --questions mmbench_dev_20230712.tsv --answers mmbench.jsonl
+    python evaluate.py score vqav2_submit --questions llava_vqav2_mscoco_test-dev2015.jsonl \\
+        --answers 2_0.jsonl 2_1.jsonl --test-questions llava_vqav2_mscoco_test2015.jsonl   # a file for EvalAI
 
-`run` reads LLaVA's question files (JSON lines {question_id, image, text, category}, or the conversation-format
-JSON list of ScienceQA) and writes LLaVA's answer schema {question_id, prompt, text, answer_id, model_id, metadata},
-a line per answer, flushed as it goes: a crash loses nothing, and a re-run skips the ids already answered. Decoding
-is LLaVA-1.5's benchmark setting (its scripts/v1_5/eval/*.sh): greedy, the model's own template (vicuna_v1),
+`run` reads LLaVA's question files (JSON lines {question_id, image, text, category}, the conversation-format
+JSON list of ScienceQA, or MMBench's TSV with its images inside) and writes LLaVA's answer schema {question_id,
+prompt, text, answer_id, model_id, metadata} (MMBench's adds round_id, options, option_char), a line per answer,
+flushed as it goes: a crash loses nothing, and a re-run skips the questions already answered. Decoding is
+LLaVA-1.5's benchmark setting (its scripts/v1_5/eval/*.sh): greedy, the model's own template (vicuna_v1),
 "<image>\\n" first in the question.
 
 `score NAME` prints a table and writes the metrics as JSON (--out). The rules are in benchmarks.py, one section per
 benchmark, each LLaVA's own (haotian-liu/LLaVA llava/eval/eval_science_qa.py, eval_pope.py, m4c_evaluator.py,
-summarize_gpt_review.py, scripts/convert_gqa_for_eval.py; MME's eval_tool/calculation.py); the table BENCHMARKS there
-gives each one its sub-command and its flags. The GPT judge of LLaVA-Bench, an HTTP client, is judge.py.
+summarize_gpt_review.py, scripts/convert_gqa_for_eval.py; MME's eval_tool/calculation.py; ...); the table BENCHMARKS
+there gives each one its sub-command and its flags. The *_submit ones write the file a benchmark's server scores. The
+GPT judge of LLaVA-Bench and MM-Vet's grader, an HTTP client, is judge.py.
 """
 
 import argparse
+import io
 import json
 import os
 import sys
 import uuid
 
-from benchmarks import BENCHMARKS, read_jsonl
+from benchmarks import BENCHMARKS, mmbench_questions, read_jsonl
 from data import IMAGE_TOKEN, DataError
 
 
@@ -38,22 +46,39 @@ from data import IMAGE_TOKEN, DataError
 # Answering
 
 
-def load_questions(path, suffix):
-    """(question_id, image or None, text for the model, the answer file's "prompt") for LLaVA's question files:
-    JSON lines {question_id, image, text} (model_vqa_loader), or ScienceQA's conversation list (model_vqa_science)."""
+def load_questions(path, suffix, all_rounds=False):
+    """(question_id, image, text for the model, the answer file's "prompt", more answer fields) for LLaVA's question
+    files: JSON lines {question_id, image, text} (model_vqa_loader), ScienceQA's conversation list
+    (model_vqa_science), or an MMBench TSV (model_vqa_mmbench: the image is bytes, one question per round, see
+    benchmarks.mmbench_questions). A "\\n" typed in the suffix is a newline."""
+    suffix = suffix.replace("\\n", "\n")
+    if path.endswith(".tsv"):
+        return mmbench_questions(path, suffix, all_rounds)
     questions = []
     for q in read_jsonl(path):
         if "conversations" in q:
             text = q["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip() + suffix
             prompt = (IMAGE_TOKEN + "\n" if "image" in q else "") + text
-            questions.append((q["id"], q.get("image"), text, prompt))
+            questions.append((q["id"], q.get("image"), text, prompt, {}))
         else:
-            questions.append((q["question_id"], q.get("image"), q["text"] + suffix, q["text"] + suffix))
+            questions.append((q["question_id"], q.get("image"), q["text"] + suffix, q["text"] + suffix, {}))
     return questions
 
 
-def answered_ids(path):
-    """Ids already in an answers file. A last line cut short by a crash is dropped from the file."""
+def chunk(questions, n, k):
+    """LLaVA's --num-chunks N --chunk-idx K: the K-th of N consecutive slices of ceil(len / N) questions."""
+    size = -(-len(questions) // n)
+    return questions[k * size:(k + 1) * size]
+
+
+def answer_key(question_id, round_id, prompt):
+    """What makes an answer line the answer to one question: its id is not enough (TextVQA's question_id is the image
+    id, shared by the questions on one image; MMBench's rounds share theirs)."""
+    return str(question_id), round_id, prompt
+
+
+def answered(path):
+    """The questions already in an answers file. A last line cut short by a crash is dropped from the file."""
     if not os.path.exists(path):
         return set()
     with open(path, "rb") as f:
@@ -61,7 +86,9 @@ def answered_ids(path):
     if data and not data.endswith(b"\n"):
         with open(path, "wb") as f:
             f.write(data[:data.rfind(b"\n") + 1])
-    return {str(a["question_id"]) for a in read_jsonl(path)} if data.strip() else set()
+    if not data.strip():
+        return set()
+    return {answer_key(a["question_id"], a.get("round_id"), a.get("prompt")) for a in read_jsonl(path)}
 
 
 def run(args):
@@ -73,21 +100,22 @@ def run(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, fmt, processor = generate.load(args.model, torch.bfloat16 if device == "cuda" else torch.float32, device)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
-    questions = load_questions(args.questions, args.suffix)
-    done = answered_ids(args.answers)
-    todo = [q for q in questions if str(q[0]) not in done]
+    questions = chunk(load_questions(args.questions, args.suffix, args.all_rounds), args.num_chunks, args.chunk_idx)
+    done = answered(args.answers)
+    todo = [q for q in questions if answer_key(q[0], q[4].get("round_id"), q[3]) not in done]
     os.makedirs(os.path.dirname(os.path.abspath(args.answers)), exist_ok=True)
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="answering")
     with open(args.answers, "a") as out:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            images = [os.path.join(args.image_folder, q[1]) for q in batch if q[1]]
+            images = [io.BytesIO(q[1]) if isinstance(q[1], bytes) else os.path.join(args.image_folder, q[1])
+                      for q in batch if q[1]]
             pixel_values = generate.prepare_images(images, processor, model.config.image_aspect_ratio)
             conversations = [[{"role": "user", "content": (IMAGE_TOKEN + "\n" if q[1] else "") + q[2]}] for q in batch]
             texts = generate.answer(model, fmt, conversations, pixel_values, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature)
-            for (qid, _, _, prompt), text in zip(batch, texts):
-                out.write(json.dumps({"question_id": qid, "prompt": prompt, "text": text,
+            for (qid, _, _, prompt, extra), text in zip(batch, texts):
+                out.write(json.dumps({"question_id": qid, "prompt": prompt, "text": text, **extra,
                                       "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}) + "\n")
             out.flush()
             os.fsync(out.fileno())
@@ -118,7 +146,9 @@ def print_table(benchmark, metrics):
 
 def score(args):
     metrics = BENCHMARKS[args.benchmark].score(args)
-    out = args.out or (args.answers or args.reviews[0]).rsplit(".", 1)[0] + f".{args.benchmark}-scores.json"
+    first = args.answers or args.reviews[0]
+    first = first[0] if isinstance(first, list) else first  # vqav2_submit merges several answer files
+    out = args.out or first.rsplit(".", 1)[0] + f".{args.benchmark}-scores.json"
     with open(out, "w") as f:
         json.dump(metrics, f, indent=2)
     print_table(args.benchmark, metrics)
@@ -139,7 +169,12 @@ def main(argv=None):
     r.add_argument("--image-folder", default="")
     r.add_argument("--answers", required=True)
     r.add_argument("--suffix", default="", help='appended to each question, e.g. "\\nAnswer with the option\'s '
-                                               'letter from the given choices directly." for ScienceQA')
+                                               'letter from the given choices directly." for ScienceQA and MMBench '
+                                               '("\\n" is a newline)')
+    r.add_argument("--all-rounds", action="store_true", help="MMBench TSV: ask each question once per rotation of its "
+                                                              "options (LLaVA's --all-rounds; its v1.5 scripts don't)")
+    r.add_argument("--num-chunks", type=int, default=1, help="answer only chunk --chunk-idx of this many (one per GPU)")
+    r.add_argument("--chunk-idx", type=int, default=0)
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--max-new-tokens", type=int, default=128, help="LLaVA: 128 (short answers), 1024 (SQA, Bench)")
     r.add_argument("--temperature", type=float, default=0.0)

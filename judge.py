@@ -139,3 +139,100 @@ def add_flags(p):
     g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="the environment variable holding the key")
     g.add_argument("--judge-retries", type=int, default=5)
     g.add_argument("--judge-backoff", type=float, default=2.0, help="seconds before the first retry, doubled each time")
+
+
+def add_endpoint_flags(p, default_model):
+    """The judge's endpoint flags alone, for a benchmark whose other flags are its own (MM-Vet)."""
+    g = p.add_argument_group("the judge (asked only for what the grade file lacks)")
+    g.add_argument("--judge-endpoint", default=os.environ.get("JUDGE_ENDPOINT", "https://api.openai.com/v1"),
+                   help="an OpenAI-compatible API base URL (default: $JUDGE_ENDPOINT or OpenAI's)")
+    g.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", default_model),
+                   help=f"default {default_model}; another judge gives other numbers")
+    g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="the environment variable holding the key")
+    g.add_argument("--judge-retries", type=int, default=5)
+    g.add_argument("--judge-backoff", type=float, default=2.0, help="seconds before the first retry, doubled each time")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Grading MM-Vet (yuweihao/MM-Vet, mm-vet_evaluator.py): the grader reads a few-shot table and completes the last
+# row's correctness, 0.0 to 1.0. Its settings: gpt-4-0613 ("gpt-4" in LLaVA's grade files), temperature 0, 3 tokens.
+# The prompt is the official text verbatim, long lines and all (the same in the 2023 notebook and the 2024 script).
+
+MMVET_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
+
+Question | Ground truth | Prediction | Correctness
+--- | --- | --- | ---
+What is x in the equation? | -1 <AND> -5 | x = 3 | 0.0
+What is x in the equation? | -1 <AND> -5 | x = -1 | 0.5
+What is x in the equation? | -1 <AND> -5 | x = -5 | 0.5
+What is x in the equation? | -1 <AND> -5 | x = -5 or 5 | 0.5
+What is x in the equation? | -1 <AND> -5 | x = -1 or x = -5 | 1.0
+Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme talks about Iceland and Greenland. It's pointing out that despite their names, Iceland is not very icy and Greenland isn't very green. | 0.4
+Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the names of these countries do not accurately represent their landscapes. | The meme is using humor to point out the misleading nature of Iceland's and Greenland's names. Iceland, despite its name, has lush green landscapes while Greenland is mostly covered in ice and snow. The text 'This is why I have trust issues' is a playful way to suggest that these contradictions can lead to distrust or confusion. The humor in this meme is derived from the unexpected contrast between the names of the countries and their actual physical characteristics. | 1.0
+"""
+MMVET_RETRY = "\nPredict the correctness of the answer (digit): "
+
+
+def mmvet_request(question, truth, prediction):
+    """The user message: the prompt, a newline, then "question | key | prediction | " (spaces around <AND>, <OR>)."""
+    truth = truth.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+    return MMVET_PROMPT + "\n" + " | ".join([question, truth, prediction, ""])
+
+
+def mmvet_score(content):
+    """The reply's first space-separated word as a number from 0 to 1, else None."""
+    try:
+        score = float(content.split(" ")[0].strip())
+    except ValueError:
+        return None
+    return score if 0.0 <= score <= 1.0 else None
+
+
+def grade_mmvet_sample(request, ask):
+    """One grade as the official loop gets it: ask(request, temperature 0); while the reply is no score, ask again
+    with MMVET_RETRY appended, at temperature 0, 0.5, 1, 1.5, 2; the fifth retry's reply is not read: 0.0.
+    Returns (content, score), content being the score's word when there is one, as the grade file keeps it."""
+    content, temperature, tries = ask(request, 0.0), 0.0, 1
+    while (score := mmvet_score(content)) is None:
+        content = ask(request + MMVET_RETRY, temperature)
+        tries, temperature = tries + 1, temperature + 0.5
+        if tries > 5:
+            return content, 0.0
+    return content.split(" ")[0].strip(), score
+
+
+def grade_mmvet(metadata, results, grades_path, runs, args):
+    """Grades every answered sample up to `runs` times, reading and extending MM-Vet's grade file {id: {"model" (the
+    name asked for), "content", "score"}: one entry per run} and rewriting it after each grade, so that a stopped run
+    resumes. Samples without an answer are not sent. The API key is looked up only when something is left to grade."""
+    grades = {}
+    if os.path.exists(grades_path):
+        with open(grades_path) as f:
+            grades = json.load(f)
+    key = None
+    for run in range(runs):
+        for sample_id, sample in metadata.items():
+            if sample_id not in results or len(grades.get(sample_id, {}).get("score", [])) > run:
+                continue
+            if key is None:
+                key = os.environ.get(args.judge_key_env, "")
+                if not key:
+                    raise SystemExit(f"grading MM-Vet needs an API key in the environment variable "
+                                     f"{args.judge_key_env}")
+
+            def ask(content, temperature):
+                return chat_completion([{"role": "user", "content": content}], args.judge_endpoint, args.judge_model,
+                                       key, temperature=temperature, max_tokens=3, retries=args.judge_retries,
+                                       backoff=args.judge_backoff)
+
+            content, score = grade_mmvet_sample(mmvet_request(sample["question"], sample["answer"],
+                                                              results[sample_id]), ask)
+            grade = grades.setdefault(sample_id, {"model": [], "content": [], "score": []})
+            grade["model"].append(args.judge_model)
+            grade["content"].append(content)
+            grade["score"].append(score)
+            os.makedirs(os.path.dirname(os.path.abspath(grades_path)), exist_ok=True)
+            with open(grades_path + ".tmp", "w") as f:
+                json.dump(grades, f, indent=4)
+            os.replace(grades_path + ".tmp", grades_path)
+    return grades

@@ -268,6 +268,14 @@ BENCHMARK_FLAGS = {
     "llava_bench": {"--reviews", "--questions", "--context", "--reference", "--answers", "--rules", "--runs",
                     "--reviews-dir", "--judge-endpoint", "--judge-model", "--judge-key-env", "--judge-retries",
                     "--judge-backoff"},
+    "mmbench": {"--questions", "--answers"},
+    "seed": {"--annotations", "--answers"},
+    "mmvet": {"--answers", "--mmvet-json", "--grades", "--runs", "--judge-endpoint", "--judge-model", "--judge-key-env",
+              "--judge-retries", "--judge-backoff"},
+    "mmbench_submit": {"--questions", "--answers", "--submission"},
+    "mmvet_submit": {"--answers", "--submission"},
+    "vqav2_submit": {"--questions", "--answers", "--test-questions", "--submission"},
+    "vizwiz_submit": {"--questions", "--answers", "--submission"},
 }
 
 
