@@ -872,6 +872,7 @@ class Benchmark:
     score: Callable  # (parsed flags) -> metrics dict
 
 
+# The *_submit entries write the file for a server that keeps its answer key; their "metrics" say what was written.
 BENCHMARKS = {
     "scienceqa": Benchmark("ScienceQA-IMG accuracy (LLaVA's SQA number)", scienceqa_flags,
                            lambda a: score_scienceqa(a.questions, a.answers)),
@@ -883,11 +884,6 @@ BENCHMARKS = {
                      lambda a: score_mme(a.questions, a.answers, a.mme_root)),
     "llava_bench": Benchmark("LLaVA-Bench relative score from judge reviews, or judging first", llava_bench_flags,
                              judge_and_score),
-}
-
-# The rest of LLaVA-1.5's table; the *_submit entries write the file for a server that keeps its answer key, and their
-# "metrics" say what was written
-BENCHMARKS.update({
     "mmbench": Benchmark("MMBench / MMBench-CN dev CircularEval accuracy, rule-based letter matching", mmbench_flags,
                          lambda a: score_mmbench(a.questions, a.answers)),
     "seed": Benchmark("SEED-Bench accuracy, image (LLaVA's number) and video", seed_flags,
@@ -903,4 +899,4 @@ BENCHMARKS.update({
                                                                              submission_path(a))),
     "vizwiz_submit": Benchmark("VizWiz test answers JSON for EvalAI", vizwiz_submit_flags,
                                lambda a: vizwiz_submission(a.questions, a.answers, submission_path(a))),
-})
+}
