@@ -443,14 +443,11 @@ def test_mmvet_of_llava_1_5_13b_from_its_grade_files(runs, total, std, totals, t
 
     monkeypatch.setattr(judge, "chat_completion", no_judge)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with open(f"{MMVET_REF}/llava-mm-vet.jsonl") as f:
-        questions = [json.loads(line) for line in f]
-    (tmp_path / "mm-vet.json").write_text(json.dumps({f"v1_{q['question_id']}": {"question": q["text"],
-                                                                                  "capability": []}
-                                                      for q in questions}))
     grades = tmp_path / "grades.json"
     with open(f"{MMVET_REF}/results/llava-v1.5-13b_gpt-4-grade-{runs}runs.json", "rb") as f:
         released = f.read()
+    (tmp_path / "mm-vet.json").write_text(json.dumps({sample: {"question": "", "capability": []}
+                                                      for sample in json.loads(released)}))
     grades.write_bytes(released)
     metrics = evaluate.main(["score", "mmvet", "--answers", f"{MMVET_REF}/answers/llava-v1.5-13b.jsonl",
                              "--mmvet-json", str(tmp_path / "mm-vet.json"), "--grades", str(grades),
