@@ -728,8 +728,9 @@ def seed_flags(p):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # MM-Vet: a GPT grader scores each answer 0-1 against the key (yuweihao/MM-Vet mm-vet_evaluator.py; judge.py asks it).
-# Checked: LLaVA-1.5-13B's released grade files (32cebc3) total 36.1 (1 run) and 36.3, std 0.2, runs 36.1 / 36.5 / 36.3
-# (3 runs) here, as its CSVs; the results file written here from its answers is LLaVA's, byte for byte.
+# Checked on LLaVA-1.5-13B's released files (32cebc3; tests/data/llava_eval/mm-vet): its grade files total 36.1 (1 run)
+# and 36.3, std 0.2, runs 36.1 / 36.5 / 36.3 (3 runs), as its CSVs; the results file from its answers is LLaVA's, byte
+# for byte. Its per-capability numbers need mm-vet.json (the key), which is not public there.
 
 
 def mmvet_results(answers_path, metadata):

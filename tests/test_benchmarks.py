@@ -1,6 +1,7 @@
 """The rest of LLaVA-1.5's table: MMBench (the TSV, LLaVA's prompt, CircularEval, the server's .xlsx), SEED-Bench,
 MM-Vet (its grader against a loopback server, its aggregation), TextVQA's OCR-token prompts, and the VQAv2 / VizWiz /
-MM-Vet submission files. Every fixture is hand-made in the shape of the real file."""
+MM-Vet submission files. Every fixture is hand-made in the shape of the real file, except MM-Vet's published-number
+tests, which read LLaVA-1.5-13B's released MM-Vet files in tests/data/llava_eval/mm-vet (see its README)."""
 
 import base64
 import csv
@@ -412,6 +413,49 @@ def test_mmvet_aggregation_is_the_officials():
         benchmarks.mmvet_scores(MMVET, grades, 4)
     assert [judge.mmvet_score(t) for t in ["0.4", "1.0 ", "0.7\n", "1.5", "-0.1", "Score: 1", "nan", ""]] == \
         [0.4, 1.0, 0.7, None, None, None, None, None]
+
+
+MMVET_REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "llava_eval", "mm-vet")
+
+
+def llava_cap_score(runs):
+    """LLaVA-1.5-13B's row of MM-Vet's cap-score CSV, as the official export_result wrote it: {column: text}."""
+    with open(f"{MMVET_REF}/results/llava-v1.5-13b_gpt-4-cap-score-{runs}runs.csv", newline="") as f:
+        return next(row for row in csv.DictReader(f) if row[""] == "llava-v1.5-13b")
+
+
+def test_mmvet_submission_of_llava_1_5_13b_is_llavas_results_file(tmp_path):
+    out = tmp_path / "llava-v1.5-13b.json"
+    metrics = evaluate.main(["score", "mmvet_submit", "--answers", f"{MMVET_REF}/answers/llava-v1.5-13b.jsonl",
+                             "--submission", str(out), "--out", str(tmp_path / "m.json")])
+    assert metrics["answers"] == 218
+    with open(f"{MMVET_REF}/results/llava-v1.5-13b.json", "rb") as f:
+        assert out.read_bytes() == f.read()  # byte for byte: indent 2, ASCII escapes, no final newline
+
+
+@pytest.mark.parametrize("runs,total,std,totals", [(1, 36.1, 0.0, [36.1]), (3, 36.3, 0.2, [36.1, 36.5, 36.3])])
+def test_mmvet_of_llava_1_5_13b_from_its_grade_files(runs, total, std, totals, tmp_path, monkeypatch):
+    # The grade file holds every grade, so nothing is asked; mm-vet.json (the key, with each sample's capabilities) is
+    # not public in LLaVA's repository, so a stand-in with the 218 sample ids and no capabilities takes its place:
+    # the total, its spread and the run totals depend on the ids alone, the per-capability columns cannot be checked.
+    def no_judge(*args, **kwargs):
+        raise AssertionError("the judge was asked although the grade file holds every grade")
+
+    monkeypatch.setattr(judge, "chat_completion", no_judge)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    grades = tmp_path / "grades.json"
+    with open(f"{MMVET_REF}/results/llava-v1.5-13b_gpt-4-grade-{runs}runs.json", "rb") as f:
+        released = f.read()
+    (tmp_path / "mm-vet.json").write_text(json.dumps({sample: {"question": "", "capability": []}
+                                                      for sample in json.loads(released)}))
+    grades.write_bytes(released)
+    metrics = evaluate.main(["score", "mmvet", "--answers", f"{MMVET_REF}/answers/llava-v1.5-13b.jsonl",
+                             "--mmvet-json", str(tmp_path / "mm-vet.json"), "--grades", str(grades),
+                             "--runs", str(runs), "--out", str(tmp_path / "m.json")])
+    assert (metrics["total"], metrics["std"], metrics["runs"], metrics["missing"]) == (total, std, totals, 0)
+    row = llava_cap_score(runs)  # LLaVA's CSV says the same
+    assert (float(row["total"]), float(row["std"]), json.loads(row["runs"])) == (total, std, totals)
+    assert grades.read_bytes() == released  # read, not rewritten
 
 
 # ----------------------------------------------------------------------------------------------------------------------
