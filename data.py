@@ -191,6 +191,7 @@ class ChatFormat:
         # Control tokens come from the template only (render writes them); data that spells one is rejected (check_text)
         self.control_ids = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
                                                              if t.special}
+        self.control_names = {n for n in tokenizer.convert_ids_to_tokens(sorted(self.control_ids)) if n}
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0)
                            if i is not None)
 
@@ -252,6 +253,11 @@ class ChatFormat:
         """The text that ids (image placeholders left out) decode to, spaces as they are."""
         return self.tokenizer.decode([i for i in ids if i >= 0], clean_up_tokenization_spaces=False)
 
+    def spellings(self, text):
+        """The text, and what the tokenizer's normalizer makes of it (a special token may be matched after it)."""
+        normalizer = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "normalizer", None)
+        return (text,) if normalizer is None else (text, normalizer.normalize_str(text))
+
     def check_text(self, messages, where):
         """Data text is text. A turn that spells a control token ("</s>", "<s>", "<|im_end|>") would be read as that
         token: in a reply, the model learns to stop mid-answer. Such a turn is an error, not re-tokenized as plain
@@ -260,8 +266,8 @@ class ChatFormat:
         and LLaVA zero-masks a sample with "</s>" in its text (its rounds split there: "tokenization mismatch"), so
         no released model learnt "</s>" as text. An error names the sample to fix. `<image>` is not text here."""
         chunks = [(i, c) for i, m in enumerate(messages) for c in m["content"].split(IMAGE_TOKEN) if c]
-        if not chunks:
-            return
+        if not any(name in spelling for _, c in chunks for spelling in self.spellings(c) for name in self.control_names):
+            return  # the usual case, without tokenizing: a control token is matched by its spelling only
         enc = self.tokenizer([c for _, c in chunks], add_special_tokens=False, return_offsets_mapping=True)
         for (i, chunk), ids, offsets in zip(chunks, enc["input_ids"], enc["offset_mapping"]):
             for token, (a, b) in zip(ids, offsets):
