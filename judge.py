@@ -51,6 +51,14 @@ def parse_review(content):
 # The client
 
 
+def api_key(args):
+    """The judge's API key, from the environment variable --judge-key-env names (never a flag: it would be logged)."""
+    key = os.environ.get(args.judge_key_env, "")
+    if not key:
+        raise SystemExit(f"the judge needs an API key in the environment variable {args.judge_key_env}")
+    return key
+
+
 def chat_completion(messages, endpoint, model, api_key, temperature=0.2, max_tokens=1024, retries=5, backoff=2.0,
                     timeout=120):
     """One reply from an OpenAI-compatible /chat/completions endpoint, standard library only. Retries connection
@@ -98,9 +106,7 @@ def judge_llava_bench(args, run):
     reference = {str(a["question_id"]): a for a in read_samples(args.reference)[0]}
     answers = {str(a["question_id"]): a for a in read_samples(args.answers)[0]}
     rules = json.load(open(args.rules)) if args.rules else {}
-    key = os.environ.get(args.judge_key_env, "")
-    if not key:
-        raise SystemExit(f"the judge needs an API key in the environment variable {args.judge_key_env}")
+    key = api_key(args)
     reviews = []
     for i, q in enumerate(questions):
         qid = str(q["question_id"])
@@ -132,18 +138,16 @@ def add_flags(p):
     g.add_argument("--rules", help="LLaVA's llava/eval/table/rule.json (default: its rule, built in)")
     g.add_argument("--runs", type=int, default=3, help="judge runs; LLaVA reports the mean of 3")
     g.add_argument("--reviews-dir", default="reviews", help="where each run's review file goes")
-    g.add_argument("--judge-endpoint", default=os.environ.get("JUDGE_ENDPOINT", "https://api.openai.com/v1"),
-                   help="an OpenAI-compatible API base URL (default: $JUDGE_ENDPOINT or OpenAI's)")
-    g.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", "gpt-4-0314"),
-                   help="LLaVA's judge was gpt-4-0314; another judge gives other numbers")
-    g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="the environment variable holding the key")
-    g.add_argument("--judge-retries", type=int, default=5)
-    g.add_argument("--judge-backoff", type=float, default=2.0, help="seconds before the first retry, doubled each time")
+    endpoint_flags(g, "gpt-4-0314")
 
 
 def add_endpoint_flags(p, default_model):
     """The judge's endpoint flags alone, for a benchmark whose other flags are its own (MM-Vet)."""
-    g = p.add_argument_group("the judge (asked only for what the grade file lacks)")
+    endpoint_flags(p.add_argument_group("the judge (asked only for what the grade file lacks)"), default_model)
+
+
+def endpoint_flags(g, default_model):
+    """Where the judge is and how it is asked: what chat_completion needs, and the key's environment variable."""
     g.add_argument("--judge-endpoint", default=os.environ.get("JUDGE_ENDPOINT", "https://api.openai.com/v1"),
                    help="an OpenAI-compatible API base URL (default: $JUDGE_ENDPOINT or OpenAI's)")
     g.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", default_model),
@@ -215,10 +219,7 @@ def grade_mmvet(metadata, results, grades_path, runs, args):
             if sample_id not in results or len(grades.get(sample_id, {}).get("score", [])) > run:
                 continue
             if key is None:
-                key = os.environ.get(args.judge_key_env, "")
-                if not key:
-                    raise SystemExit(f"grading MM-Vet needs an API key in the environment variable "
-                                     f"{args.judge_key_env}")
+                key = api_key(args)
 
             def ask(content, temperature):
                 return chat_completion([{"role": "user", "content": content}], args.judge_endpoint, args.judge_model,

@@ -155,7 +155,7 @@ def train(cfg):
     step = load_checkpoint(model, optimizer, saved_checkpoints(cfg.output_dir)[-1], cfg) if cfg.resume and \
         saved_checkpoints(cfg.output_dir) else 0
     log = MetricsLog(cfg.output_dir, fresh=step == 0, total=total, initial=step)
-    flops = FlopCounter(model, cfg.train_llm)
+    flops = FlopCounter(model, cfg.train_llm, device)
 
     batches = None
     while step < total:
@@ -187,7 +187,7 @@ def train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, d
     lr = cosine_lr(step, total, math.ceil(cfg.warmup_ratio * total), cfg.lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     loss, grad_norm = forward_backward(model, micro, counts["supervised_tokens"], trainable, cfg.grad_clip, device)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise NonFiniteError(f"step {step}: loss {loss}, gradient norm {grad_norm}; stopping before the update. "
@@ -197,11 +197,11 @@ def train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, d
     optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds, peak = time.perf_counter() - start, peak_flops(device)
+    seconds = time.perf_counter() - start
     work = counts.pop("flops")
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **{k: int(v) for k, v in counts.items()},
             "tokens_per_s": counts["tokens"] / seconds,
-            "mfu": work / (seconds * dist.get_world_size() * peak) if peak else None,
+            "mfu": work / (seconds * dist.get_world_size() * flops.peak) if flops.peak else None,
             "peak_memory_gb": peak_memory_gb(device)}
 
 
@@ -539,9 +539,11 @@ def peak_flops(device):
 
 class FlopCounter:
     """FLOPs a step must do, per sample of T real tokens: the LLM 6·N·T + 12·L·d·T² when trained (4·N·T when frozen:
-    no weight gradients), the projector 6·N_P per image token, the frozen tower's forward 2·N_V·T_v + 4·L_v·d_v·T_v²."""
+    no weight gradients), the projector 6·N_P per image token, the frozen tower's forward 2·N_V·T_v + 4·L_v·d_v·T_v².
+    `peak` is the device's dense bf16 FLOP/s (None off a known GPU), MFU's denominator per rank."""
 
-    def __init__(self, model, train_llm):
+    def __init__(self, model, train_llm, device=None):
+        self.peak = peak_flops(device) if device is not None else None
         text, vision = model.language_model.config.get_text_config(), model.vision_tower.config
         embed = model.language_model.get_input_embeddings().weight.numel()
         tied = text.tie_word_embeddings

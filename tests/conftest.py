@@ -26,3 +26,26 @@ def chatml_tok():
 @pytest.fixture(scope="session")
 def backbones(tmp_path_factory, llama_tok):
     return save_tiny_backbones(str(tmp_path_factory.mktemp("backbones")), tokenizer=llama_tok)
+
+
+@pytest.fixture
+def crash_on_second_answer(monkeypatch):
+    """A function that makes generate.answer raise KeyboardInterrupt on its second call from then on, as a run stopped
+    mid-way, and returns the function that gives generate.answer back (for the resumed run)."""
+    import generate
+
+    answer = generate.answer
+
+    def start():
+        calls = []
+
+        def crash_on_second_batch(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return answer(*args, **kwargs)
+
+        monkeypatch.setattr(generate, "answer", crash_on_second_batch)
+        return lambda: monkeypatch.setattr(generate, "answer", answer)
+
+    return start

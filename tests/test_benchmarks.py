@@ -242,7 +242,7 @@ def test_run_answers_an_mmbench_tsv_in_llavas_schema(model_dir, tmp_path, monkey
     assert benchmarks.score_mmbench(tsv, str(tmp_path / "a.jsonl"))["rounds"] == "all"
 
 
-def test_textvqa_ocr_prompts_pass_through_and_resume_per_question(model_dir, tmp_path, monkeypatch):
+def test_textvqa_ocr_prompts_pass_through_and_resume_per_question(model_dir, tmp_path, crash_on_second_answer):
     """llava_textvqa_val_v051_ocr.jsonl: question_id is the image id, shared by the (up to two) questions on an image;
     the text already holds the OCR tokens and the suffix. run passes it on untouched; a resumed run must not take the
     second question of an image for answered; the scorer finds each by (image id, question)."""
@@ -256,21 +256,12 @@ def test_textvqa_ocr_prompts_pass_through_and_resume_per_question(model_dir, tmp
     loaded = evaluate.load_questions(questions, "")
     assert [q[2] for q in loaded] == [q[3] for q in loaded] == [json.loads(line)["text"] for line in open(questions)]
 
-    import generate
-    answer, calls = generate.answer, []
-
-    def crash_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return answer(*args, **kwargs)
-
-    monkeypatch.setattr(generate, "answer", crash_on_second_batch)
+    restore_answer = crash_on_second_answer()
     argv = ["run", "--model", model_dir, "--questions", questions, "--image-folder", str(tmp_path), "--answers",
             str(tmp_path / "a.jsonl"), "--batch-size", "1", "--max-new-tokens", "2"]
     with pytest.raises(KeyboardInterrupt):
         evaluate.main(argv)
-    monkeypatch.setattr(generate, "answer", answer)
+    restore_answer()
     evaluate.main(argv)
     lines = [json.loads(line) for line in open(tmp_path / "a.jsonl")]
     assert [(a["question_id"], a["prompt"]) for a in lines] == [(q[0], q[3]) for q in loaded]

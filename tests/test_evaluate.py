@@ -376,7 +376,7 @@ def model_dir(tmp_path_factory):
     return root
 
 
-def test_run_writes_llavas_schema_and_resumes(model_dir, tmp_path, monkeypatch):
+def test_run_writes_llavas_schema_and_resumes(model_dir, tmp_path, crash_on_second_answer):
     suffix = "\nAnswer the question using a single word or phrase."
     questions = write_jsonl(tmp_path / "q.jsonl", [
         {"question_id": 10 + i, "image": f"{i}.png", "text": f"What color is it?{suffix}", "category": "c"}
@@ -389,21 +389,12 @@ def test_run_writes_llavas_schema_and_resumes(model_dir, tmp_path, monkeypatch):
     assert all(set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} for a in straight)
     assert straight[0]["prompt"] == f"What color is it?{suffix}" and straight[0]["model_id"] == "model"
 
-    import generate
-    answer, calls = generate.answer, []
-
-    def crash_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return answer(*args, **kwargs)
-
-    monkeypatch.setattr(generate, "answer", crash_on_second_batch)
+    restore_answer = crash_on_second_answer()
     with pytest.raises(KeyboardInterrupt):
         evaluate.main(argv + ["--answers", str(tmp_path / "resumed.jsonl")])
     with open(tmp_path / "resumed.jsonl", "a") as f:
         f.write('{"question_id": 12, "prom')  # a line cut short by the crash
-    monkeypatch.setattr(generate, "answer", answer)
+    restore_answer()
     evaluate.main(argv + ["--answers", str(tmp_path / "resumed.jsonl")])
     resumed = [json.loads(line) for line in open(tmp_path / "resumed.jsonl")]
     assert [(a["question_id"], a["text"]) for a in resumed] == [(a["question_id"], a["text"]) for a in straight]
