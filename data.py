@@ -45,7 +45,13 @@ IMAGE_TOKEN = "<image>"
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """Input a user can get wrong (a flag, a data file, an image, a checkpoint, an answers file). The message says
+    what is wrong, names the flag, file or sample, and says what to do; the command lines print it without a
+    traceback (`error: ...`, exit status 2)."""
+
+
+class DataError(UserError):
     """Something wrong with the user's data. The message names the file and the sample and says what to do."""
 
 
