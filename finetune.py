@@ -15,7 +15,9 @@ import train
 STAGE_2 = dict(train_llm=True, template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, global_batch_size=128,
                micro_batch_size=16, group_by_modality_length=True, save_every=1000)
 
-DATA = dict(data_path="playground/data/llava_v1_5_mix665k.json", image_folder="playground/data")
+DATA = dict(data_path="playground/data/llava_v1_5_mix665k.json", image_folder="playground/data",
+            needs="LLaVA's data in playground/data (the README's 'Reproducing LLaVA-1.5' shows the layout) and stage "
+            "1's output (python pretrain.py --preset the same name)")
 
 PRESETS = {
     "llava-1.5-7b": dict(**DATA, llm="lmsys/vicuna-7b-v1.5", init_from="checkpoints/llava-v1.5-7b-pretrain",
@@ -27,7 +29,9 @@ PRESETS = {
                 data_path="runs/toy/world/conversations.json", image_folder="runs/toy/world/images",
                 init_from="runs/toy/pretrain", output_dir="runs/toy/finetune", global_batch_size=16,
                 micro_batch_size=16, lr=1.5e-3, precision="fp32", activation_checkpointing=False, num_workers=0,
-                max_length=256, save_every=1000, epochs=4),
+                max_length=256, save_every=1000, epochs=4,
+                needs="the toy world and its stage 1: python tools/toy_world.py --world-only, then python "
+                "pretrain.py --preset toy"),
 }
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ STAGE_1 = dict(train_llm=False, template="plain", image_aspect_ratio="crop", lr=
                micro_batch_size=32, group_by_modality_length=False, save_every=500)
 
 DATA = dict(data_path="playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
-            image_folder="playground/data/LLaVA-Pretrain/images")
+            image_folder="playground/data/LLaVA-Pretrain/images", needs="LLaVA's data in playground/data (the README's "
+            "'Reproducing LLaVA-1.5' shows the layout)")
 
 PRESETS = {
     "llava-1.5-7b": dict(**DATA, llm="lmsys/vicuna-7b-v1.5", output_dir="checkpoints/llava-v1.5-7b-pretrain"),
@@ -25,7 +26,8 @@ PRESETS = {
     "toy": dict(vision_tower="runs/toy/world/vision", llm="runs/toy/world/llm", data_path="runs/toy/world/captions.json",
                 image_folder="runs/toy/world/images", output_dir="runs/toy/pretrain", global_batch_size=32,
                 micro_batch_size=16, lr=3e-3, precision="fp32", activation_checkpointing=False, num_workers=0,
-                max_length=256, save_every=1000, epochs=1),
+                max_length=256, save_every=1000, epochs=1,
+                needs="the toy world: build it with python tools/toy_world.py --world-only"),
 }
 
 if __name__ == "__main__":

@@ -22,22 +22,27 @@ output_dir/metrics.jsonl (loss, lr, gradient norm, tokens/s, MFU, memory); tools
 """
 
 import argparse
+import fcntl
+import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import resource
 import secrets
 import shutil
 import socket
+import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import timedelta
 from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -45,8 +50,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 import checkpoints
-from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatFormat, LazySupervisedDataset, ModalityLengthGroupedSampler,
-                  collate, load_image_processor)
+from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, ChatFormat, DataError, LazySupervisedDataset,
+                  ModalityLengthGroupedSampler, UserError, collate, load_image_processor)
 from model import LlavaConfig, LlavaModel, supervised_targets
 
 
@@ -101,31 +106,109 @@ class TrainConfig:
     resume: bool = arg("continue from the latest checkpoint in output_dir", False)
     seed: int = arg("seed of the data order and the projector's initialization", 42)
 
+    def __post_init__(self):
+        check_settings(self)
+
     def model_config(self):
         return LlavaConfig(**{f.name: getattr(self, f.name) for f in fields(LlavaConfig)})
 
 
-def parse_config(argv, stage_defaults, presets, description):
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+# What a setting may hold, beyond its type. Flags, presets and a TrainConfig built in code all pass through
+# check_settings, so a bad value is named by its flag before anything is loaded.
+RULES = {
+    "projector_type": (lambda v: re.fullmatch(r"linear|mlp[1-9]\d*x_gelu", v), "'linear' or 'mlpNx_gelu' (mlp2x_gelu)"),
+    "vision_feature_select": (lambda v: v in ("patch", "cls_patch"), "'patch' or 'cls_patch'"),
+    "template": (lambda v: v in TEMPLATES, " or ".join(map(repr, TEMPLATES))),
+    "image_aspect_ratio": (lambda v: v in ("pad", "crop"), "'pad' or 'crop'"),
+    "precision": (lambda v: v in ("bf16", "fp32"), "'bf16' or 'fp32'"),
+    "max_length": (lambda v: v >= 1, "at least 1"),
+    "num_workers": (lambda v: v >= 0, "0 or more"),
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "max_steps": (lambda v: v >= 0, "0 (run --epochs) or more"),
+    "global_batch_size": (lambda v: v >= 1, "at least 1"),
+    "micro_batch_size": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v > 0, "above 0"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "from 0 to 1"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),
+    "adam_eps": (lambda v: v > 0, "above 0"),
+    "grad_clip": (lambda v: v >= 0, "0 (no clipping) or more"),
+    "dist_timeout": (lambda v: v >= 1, "at least 1 (minutes)"),
+    "save_every": (lambda v: v >= 1, "at least 1"),
+    "keep_last": (lambda v: v >= 0, "0 (keep all) or more"),
+}
+
+
+def check_settings(cfg):
+    """Each setting has its field's type (an int where a float is asked is taken) and obeys RULES."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            setattr(cfg, f.name, value)
+        if not isinstance(value, f.type) or (f.type is int and isinstance(value, bool)):
+            raise UserError(f"{flag(f.name)} {value!r}: must be a{'n' if f.type is int else ''} {f.type.__name__}")
+        if f.type is float and not math.isfinite(value):
+            raise UserError(f"{flag(f.name)} {value!r}: must be a finite number")
+        rule = RULES.get(f.name)
+        if rule and not rule[0](value):
+            raise UserError(f"{flag(f.name)} {value!r}: must be {rule[1]}")
+
+
+def parse_config(argv, stage_defaults, presets, description, check_files=False):
     """Flags derived from TrainConfig's fields, defaults from the stage; a preset is a dict of overrides, and flags
-    given on the command line win over it."""
+    given on the command line win over it. check_files: the files the run reads must exist (check_paths), and a
+    preset's missing ones are reported with what the preset needs."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(presets), help="named settings; flags given here override them")
     for f in fields(TrainConfig):
-        flag, default = "--" + f.name.replace("_", "-"), stage_defaults.get(f.name, f.default)
+        default = stage_defaults.get(f.name, f.default)
         default = "no default" if default is MISSING else default
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{f.metadata['help']} ({default})")
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=f"{f.metadata['help']} ({default})")
         else:
-            p.add_argument(flag, type=f.type, help=f"{f.metadata['help']} ({default!r})")
+            p.add_argument(flag(f.name), type=f.type, help=f"{f.metadata['help']} ({default!r})")
     given = vars(p.parse_args(argv))
-    preset = presets[given.pop("preset")] if "preset" in given else {}
-    settings = {**stage_defaults, **preset, **given}
-    unset = [f.name for f in fields(TrainConfig) if f.default is MISSING and f.name not in settings]
+    preset = dict(presets[given["preset"]]) if "preset" in given else {}
+    needs = preset.pop("needs", None)  # what a preset's paths need, said when one is missing (check_paths)
+    unknown = sorted(set(preset) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise UserError(f"--preset {given['preset']} sets unknown settings {unknown}; fix the preset")
+    settings = {**stage_defaults, **preset, **{k: v for k, v in given.items() if k != "preset"}}
+    unset = [flag(f.name) for f in fields(TrainConfig) if f.default is MISSING and f.name not in settings]
     if unset:
-        raise ValueError(f"no value for {unset}: a stage gives them (pretrain.py's STAGE_1, finetune.py's STAGE_2), "
-                         "or pass them as flags")
-    return TrainConfig(**settings)
+        raise UserError(f"no value for {', '.join(unset)}: a stage gives them (pretrain.py's STAGE_1, finetune.py's "
+                        "STAGE_2), or pass them as flags")
+    cfg = TrainConfig(**settings)
+    if check_files:
+        check_paths(cfg, set(preset), f"--preset {given.get('preset')}" + (f", which needs {needs}" if needs else ""))
+    return cfg
+
+
+def check_paths(cfg, from_preset=(), preset_note=""):
+    """The files a run reads exist: a missing one is named by its flag (and, when a preset set it, what the preset
+    needs) before anything loads. A backbone that is not a local path is a hub id, which loading resolves."""
+    def missing(name, what):
+        value = getattr(cfg, name)
+        note = f" (set by {preset_note})" if name in from_preset and preset_note else ""
+        return UserError(f"{flag(name)} {value}: {what}{note}")
+
+    if not os.path.isfile(cfg.data_path):
+        raise missing("data_path", "no such data file" if not os.path.isdir(cfg.data_path) else
+                      "is a directory; pass the .json or .jsonl data file")
+    if cfg.image_folder and not os.path.isdir(cfg.image_folder):
+        raise missing("image_folder", "no such directory")
+    for name in ("vision_tower", "llm") + (() if cfg.resume else ("init_from",)):  # (a resumed run starts from its
+        value = getattr(cfg, name)                                                # checkpoint)
+        local = value.startswith((".", "/", "~")) or value.count("/") != 1
+        if value and local and not os.path.exists(value):
+            raise missing(name, "no such file or directory (nor a hub id, owner/name)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -133,66 +216,127 @@ def parse_config(argv, stage_defaults, presets, description):
 
 
 def train(cfg):
+    """A run of cfg: the model it trained (the final one is also in cfg.output_dir)."""
+    check_paths(cfg)
     device = init_distributed(cfg.dist_timeout)
+    lock = check_output_dir(cfg, device)
+    try:
+        return fit(cfg, device)
+    finally:
+        if lock:
+            lock.close()
+
+
+def fit(cfg, device):
     rank, world = dist.get_rank(), dist.get_world_size()
     grad_accum = accumulation_steps(cfg, world)
-    check_output_dir(cfg, device)
+    resume_from = saved_checkpoints(cfg.output_dir)[-1] if cfg.resume else None
+    saved = check_resume(resume_from, cfg) if resume_from else None
     torch.manual_seed(cfg.seed)
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)  # first: a tokenizer that cannot load fails in seconds
     image_processor = load_image_processor(cfg.vision_tower)
-    model = build_model(cfg, device)
+    model = build_model(replace(cfg, init_from="") if resume_from else cfg, device)
     fmt = ChatFormat(tokenizer, cfg.template, model.num_image_tokens)
     dataset = LazySupervisedDataset(cfg.data_path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
                                     cfg.max_length, cfg.skip_bad_samples)
+    data_sha256 = file_sha256(cfg.data_path) if rank == 0 else None
+    if saved and rank == 0 and saved.get("data_sha256") not in (None, data_sha256):
+        print(f"warning: --data-path {cfg.data_path} changed since {resume_from} was written (its sha256 differs): "
+              "the run goes on over the file as it is now, so its data order differs from the run's before",
+              file=sys.stderr)
     sampler = ModalityLengthGroupedSampler(dataset.modality_lengths, cfg.micro_batch_size, world, rank, grad_accum,
                                            cfg.group_by_modality_length, cfg.seed)
     steps_per_epoch = sampler.steps_per_epoch()
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg)
-    step = load_checkpoint(model, optimizer, saved_checkpoints(cfg.output_dir)[-1], cfg) if cfg.resume and \
-        saved_checkpoints(cfg.output_dir) else 0
-    log = MetricsLog(cfg.output_dir, fresh=step == 0, total=total, initial=step)
+    step = load_checkpoint(model, optimizer, resume_from) if resume_from else 0
+    log = MetricsLog(cfg.output_dir, step, total)
     flops = FlopCounter(model, cfg.train_llm, device)
+    skipped = torch.zeros(len(dataset), dtype=torch.bool)
 
     batches = None
     while step < total:
         if batches is None or step % steps_per_epoch == 0:  # a new epoch, or the resumed one from its step
             sampler.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
             batches = iter(torch.utils.data.DataLoader(
-                dataset, cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                collate_fn=partial(collate, pad_id=fmt.pad_id), pin_memory=device.type == "cuda"))
-        record = train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, device)
+                ReportErrors(dataset), cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                collate_fn=partial(collate_or_error, pad_id=fmt.pad_id), pin_memory=device.type == "cuda"))
+        try:
+            record = train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, device, skipped)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e}; {set_aside_checkpoint(cfg.output_dir, step)}") from None
+        if rank == 0:  # checkpoint-{step}'s weights gave a finite loss: older checkpoints may go
+            prune_checkpoints(cfg.output_dir, cfg.keep_last, good_up_to=step)
         step += 1
         log.write({"step": step, "epoch": round(step / steps_per_epoch, 4), **record})
         if step % cfg.save_every == 0 or step == total:
-            save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor)
+            save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor, data_sha256)
+    if rank == 0:
+        prune_checkpoints(cfg.output_dir, cfg.keep_last, good_up_to=step)
     log.close()
-    export_model(model, cfg.output_dir, tokenizer, image_processor, cfg)
+    report_skipped(dataset, skipped, device)
+    export_model(model, cfg.output_dir, tokenizer, image_processor, cfg, final=True)
     dist.barrier()
     return model
 
 
-def train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, device):
+class ReportErrors(torch.utils.data.Dataset):
+    """The dataset, with a sample's UserError returned as an item rather than raised: raised in a loader worker, it
+    would reach the user wrapped in the worker's traceback. train_step raises it, as it was."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except UserError as e:
+            return {"error": e}
+
+
+def collate_or_error(samples, pad_id):
+    errors = [s["error"] for s in samples if "error" in s]
+    return {"error": errors[0]} if errors else collate(samples, pad_id)
+
+
+def report_skipped(dataset, skipped, device):
+    """--skip-bad-samples' totals, on rank 0: the samples dropped when the data file was read, and the distinct ones
+    passed over since (an unreadable image, a sample too long), over every rank."""
+    seen = skipped.to(device, torch.uint8)  # (collectives reduce no bools)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0 and (dataset.num_bad or seen.any()):
+        print(f"skipped bad samples: {dataset.num_bad} when reading {dataset.data_path}, {int(seen.sum())} more "
+              "while training (each named in a warning above)", file=sys.stderr)
+
+
+def train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, device, skipped=None):
     """One optimizer step: this rank reads its grad_accum micro-batches, then every rank counts, runs forward and
-    backward, and updates together. `step` counts from 0 and sets the learning rate. Returns the step's metrics (the
-    time includes reading the data)."""
+    backward, and updates together. `step` counts from 0 and sets the learning rate; `skipped` marks the dataset
+    indices of bad samples passed over. Returns the step's metrics (the time includes reading the data)."""
     start = time.perf_counter()
     micro = [next(batches) for _ in range(grad_accum)]
+    for b in micro:
+        if "error" in b:
+            raise b["error"]
+        if skipped is not None and b["skipped"]:
+            skipped[b["skipped"]] = True
     counts = global_counts(micro, flops, device)
     if counts["supervised_tokens"] == 0:
-        raise RuntimeError(f"step {step}: no supervised token in the whole global batch")
+        raise DataError(f"step {step + 1}: no supervised token in the whole global batch (every reply was cut by "
+                        "--max-length or is empty); check the data")
     lr = cosine_lr(step, total, math.ceil(cfg.warmup_ratio * total), cfg.lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     loss, grad_norm = forward_backward(model, micro, counts["supervised_tokens"], trainable, cfg.grad_clip, device)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise NonFiniteError(f"step {step}: loss {loss}, gradient norm {grad_norm}; stopping before the update. "
-                             f"The last good checkpoint in {cfg.output_dir} is untouched: resume from it with "
-                             "--resume, with a lower --lr or --grad-clip 1.0")
+        raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}; stopping before the update")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -215,7 +359,7 @@ def global_counts(micro, flops, device):
              "samples": sum(len(b["input_ids"]) for b in micro),
              "image_samples": sum((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum().item() for b in micro),
              "images": sum(images),
-             "skipped_samples": sum(b["skipped"] for b in micro),
+             "skipped_samples": sum(len(b["skipped"]) for b in micro),
              "flops": sum(flops(b["attention_mask"].sum(1), n) for b, n in zip(micro, images))}
     counts = torch.tensor(list(local.values()), dtype=torch.float64, device=device)
     dist.all_reduce(counts)
@@ -243,8 +387,8 @@ def forward_backward(model, micro, n_supervised, trainable, grad_clip, device):
     return loss_sum.item() / n_supervised, grad_norm.item()
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(UserError, RuntimeError):
+    """A non-finite loss or gradient: the run stops before the update, and says which checkpoint to resume from."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -254,18 +398,45 @@ class NonFiniteError(RuntimeError):
 def accumulation_steps(cfg, world):
     per_step = cfg.micro_batch_size * world
     if cfg.global_batch_size % per_step:
-        raise ValueError(f"global batch {cfg.global_batch_size} is not a multiple of micro batch "
-                         f"{cfg.micro_batch_size} x {world} ranks; change --micro-batch-size")
+        raise UserError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
+                        f"{cfg.micro_batch_size} x {world} ranks; change --micro-batch-size")
     return cfg.global_batch_size // per_step
 
 
 def check_output_dir(cfg, device):
-    """Before anything is loaded: every rank sees the same output_dir, and a fresh run does not overwrite another's."""
+    """Before anything is loaded: every rank sees the same output_dir, no other run is using it, a fresh run does not
+    overwrite another's and --resume finds a checkpoint. Returns rank 0's lock on it (None on the other ranks)."""
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise UserError(f"--output-dir {cfg.output_dir}: is a file, not a directory")
     if dist.get_world_size() > 1:
         check_shared_output_dir(cfg.output_dir, device)
+    lock = lock_output_dir(cfg.output_dir) if dist.get_rank() == 0 else None
     if not cfg.resume and saved_checkpoints(cfg.output_dir):
-        raise ValueError(f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
-                         "or choose another --output-dir (or delete them) to start afresh")
+        raise UserError(f"--output-dir {cfg.output_dir} already holds checkpoints of an earlier run; pass --resume to "
+                        "continue it, or choose another --output-dir (or delete them) to start afresh")
+    if cfg.resume and not saved_checkpoints(cfg.output_dir):
+        raise UserError(f"--resume: --output-dir {cfg.output_dir} holds no complete checkpoint to resume from (is it "
+                        "the right directory?); to start a run, leave out --resume")
+    return lock
+
+
+def lock_output_dir(output_dir):
+    """An exclusive lock on output_dir/.lock for the life of the run (the kernel drops it when the process ends, even
+    by kill -9): two runs in one directory would interleave their metrics and checkpoints."""
+    os.makedirs(output_dir, exist_ok=True)
+    f = open(os.path.join(output_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"--output-dir {output_dir} is in use by another run ({holder}); wait for it to end, or "
+                        "choose another --output-dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def init_distributed(timeout_minutes=30):
@@ -383,7 +554,7 @@ def check_shared_output_dir(output_dir, device, wait_seconds=10.0):
         os.remove(probe)
     blind = [r for r, ok in enumerate(seen.tolist()) if not ok]
     if blind:
-        raise RuntimeError(f"--output-dir {output_dir} is not shared by every rank: rank(s) {blind} cannot see what "
+        raise UserError(f"--output-dir {output_dir} is not shared by every rank: rank(s) {blind} cannot see what "
                            f"rank 0 wrote there (this is rank {rank} on {socket.gethostname()}). Every rank writes "
                            "its part of each checkpoint; on several nodes, put output_dir on a filesystem all mount")
 
@@ -421,19 +592,45 @@ def trainable_modules(model):
     return tuple(name for name, m in model.named_children() if any(p.requires_grad for p in m.parameters()))
 
 
-def export_model(model, path, tokenizer, image_processor, cfg):
+def export_model(model, path, tokenizer, image_processor, cfg, final=False):
     """The trained weights, gathered to rank 0, as a directory checkpoints.load (and generate.py) loads.
 
-    Frozen modules are not written: checkpoints.load takes them from the config's paths, as LLaVA does.
+    Frozen modules are not written: checkpoints.load takes them from the config's paths, as LLaVA does. The final
+    model goes to output_dir itself, written first into a temporary directory whose files then replace the old ones
+    one by one (config.json last), so a crash leaves each file whole.
     """
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                  ignore_frozen_params=True))
     if dist.get_rank() == 0:
+        out = os.path.join(path, ".tmp-final") if final else path
+        if final:
+            shutil.rmtree(out, ignore_errors=True)
         dtype = compute_dtype(cfg.precision)
-        checkpoints.save(model, path, modules=trainable_modules(model), state_dict={k: v.to(dtype) for k, v in full.items()})
-        tokenizer.save_pretrained(path)
+        checkpoints.save(model, out, modules=trainable_modules(model), state_dict={k: v.to(dtype) for k, v in full.items()})
+        tokenizer.save_pretrained(out)
         if image_processor is not None:
-            image_processor.save_pretrained(path)
+            image_processor.save_pretrained(out)
+        sync_tree(out)
+        if final:
+            for name in sorted(os.listdir(out), key=lambda n: n == "config.json"):
+                os.replace(os.path.join(out, name), os.path.join(path, name))
+            os.rmdir(out)
+            sync_tree(path, files=False)
+
+
+def sync_tree(path, files=True):
+    """fsync every file (and every directory) under path: a rename makes them visible at once, durable only then."""
+    for root, _, names in os.walk(path):
+        for name in names if files else ():
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not files:
+            break
 
 
 def resumable_state(model, optimizer):
@@ -441,8 +638,9 @@ def resumable_state(model, optimizer):
             "optim": get_optimizer_state_dict(model, optimizer)}
 
 
-def save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor):
-    """output_dir/checkpoint-NNNNNN, written as .tmp-checkpoint-NNNNNN and renamed when complete."""
+def save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor, data_sha256=None):
+    """output_dir/checkpoint-NNNNNN, written as .tmp-checkpoint-NNNNNN, synced to disk and renamed when complete.
+    trainer_state.json records the settings and the data file's sha256, which a resume checks (check_resume)."""
     name = f"checkpoint-{step:06d}"
     tmp = os.path.join(cfg.output_dir, f".tmp-{name}")
     if dist.get_rank() == 0:  # leftovers of interrupted writes
@@ -452,15 +650,18 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor):
     dist.barrier()
     export_model(model, tmp, tokenizer, image_processor, cfg)
     dcp.save(resumable_state(model, optimizer), checkpoint_id=os.path.join(tmp, "train_state"))
+    rng = os.path.join(tmp, "train_state", f"rng-rank{dist.get_rank()}.pt")
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(tmp, "train_state", f"rng-rank{dist.get_rank()}.pt"))
+               rng)
+    with open(rng, "rb") as f:
+        os.fsync(f.fileno())
     dist.barrier()
     if dist.get_rank() == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "config": asdict(cfg)}, f, indent=2)
+            json.dump({"step": step, "config": asdict(cfg), "data_sha256": data_sha256}, f, indent=2)
+        sync_tree(tmp)
         os.replace(tmp, os.path.join(cfg.output_dir, name))
-        for old in saved_checkpoints(cfg.output_dir)[:-cfg.keep_last]:
-            shutil.rmtree(old)
+        sync_tree(cfg.output_dir, files=False)
     dist.barrier()
 
 
@@ -472,27 +673,165 @@ def saved_checkpoints(output_dir):
     return [os.path.join(output_dir, n) for n in names]
 
 
-def load_checkpoint(model, optimizer, path, cfg):
-    """Restore the trainable weights, the optimizer and the RNG of a checkpoint; returns its step."""
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        saved = json.load(f)
-    for key in ("global_batch_size", "seed", "data_path", "group_by_modality_length", "epochs", "max_steps"):
-        if saved["config"][key] != getattr(cfg, key):
-            raise ValueError(f"{path} was written with {key}={saved['config'][key]!r}, this run has "
-                             f"{getattr(cfg, key)!r}; resuming would change the data order or the schedule")
+def checkpoint_step(path):
+    return int(os.path.basename(path).split("-")[1])
+
+
+def prune_checkpoints(output_dir, keep_last, good_up_to):
+    """Keep the keep_last newest checkpoints whose weights are known good (a step from them gave a finite loss: those
+    up to step good_up_to), and every newer one. A checkpoint saved from weights that give a non-finite loss is then
+    never the only one left."""
+    good = [c for c in saved_checkpoints(output_dir) if checkpoint_step(c) <= good_up_to]
+    for old in good[:-keep_last] if keep_last else []:
+        shutil.rmtree(old)
+
+
+def set_aside_checkpoint(output_dir, step):
+    """After a non-finite loss at step step + 1: checkpoint-{step} (if saved) holds the weights that gave it, so it is
+    renamed out of --resume's way, kept for inspection. Returns what to do, naming the checkpoint to resume from."""
+    bad = [c for c in saved_checkpoints(output_dir) if checkpoint_step(c) >= step]
+    dist.barrier()  # every rank has looked before rank 0 renames
+    if dist.get_rank() == 0:
+        for c in bad:
+            os.replace(c, c + ".nonfinite")
+    dist.barrier()
+    aside = "".join(f"{c} holds the weights that gave it, renamed to {os.path.basename(c)}.nonfinite; " for c in bad)
+    good = saved_checkpoints(output_dir)
+    if not good:
+        return f"{aside}no checkpoint of {output_dir} predates it: start the run again with a lower --lr, or " \
+               "--grad-clip 1.0"
+    return f"{aside}resume from {good[-1]} (its weights gave a finite loss) with --resume and a lower --lr, or " \
+           "--grad-clip 1.0"
+
+
+# What a resumed run may change: how it runs, not what it computes (the data order, the schedule, the model and its
+# numerics all come from the checkpoint's settings). The non-finite stop's remedies (--lr, --grad-clip) and a moved
+# image folder are taken with a warning; anything else that differs is refused by name.
+RESUME_MAY_CHANGE = {"micro_batch_size", "num_workers", "dist_timeout", "activation_checkpointing", "save_every",
+                     "keep_last", "resume", "output_dir", "init_from", "skip_bad_samples"}
+RESUME_WARNS = {"lr", "grad_clip", "image_folder"}
+
+
+def check_resume(path, cfg):
+    """The settings of checkpoint `path` against this run's (see RESUME_MAY_CHANGE); returns its trainer_state."""
+    state_file = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state_file) as f:
+            saved = json.load(f)
+        before, step = saved["config"], int(saved["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--resume: {state_file} is unreadable ({type(e).__name__}: {e}); delete {path} to resume from "
+                        "the checkpoint before it") from None
+    if step != checkpoint_step(path):
+        raise UserError(f"--resume: {state_file} says step {step}, its directory's name another; delete {path}")
+    now = asdict(cfg)
+    for key in ("vision_tower", "llm", "data_path", "image_folder"):  # the same file, however it was spelt
+        before[key], now[key] = (same_path(before.get(key)), same_path(now[key]))
+    changed = [k for k in now if k in before and before[k] != now[k] and k not in RESUME_MAY_CHANGE]
+    refused = [k for k in changed if k not in RESUME_WARNS]
+    if refused:
+        listed = "; ".join(f"{flag(k)} was {before[k]!r}, now {now[k]!r}" for k in refused)
+        raise UserError(f"--resume: {path} was trained with other settings ({listed}); a resumed run must compute what "
+                        "the run before it did: pass the checkpoint's values, or start a new run in another "
+                        "--output-dir")
+    if dist.get_rank() == 0:
+        for k in changed:
+            print(f"warning: resuming {path} with {flag(k)} {now[k]!r} (it was trained with {before[k]!r})",
+                  file=sys.stderr)
+    return saved
+
+
+def same_path(path):
+    return os.path.realpath(path) if path and os.path.exists(path) else path
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(model, optimizer, path):
+    """Restore the trainable weights, the optimizer and the RNG of a checkpoint; returns its step. Nothing in it runs
+    code: torch.distributed.checkpoint's pickles are read through SafeReader and SafeLoadPlanner."""
     state = resumable_state(model, optimizer)
-    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"))
+    train_state = os.path.join(path, "train_state")
+    try:
+        check_metadata(train_state)  # here too: dcp.load reports a reader's error without its type
+        dcp.load(state, storage_reader=SafeReader(train_state), planner=SafeLoadPlanner())
+    except (UnsafeCheckpoint, CheckpointException) as e:
+        error = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+        if isinstance(error, UnsafeCheckpoint):
+            raise UserError(f"--resume: refusing to load {train_state}: {error}, and loading it would run code; resume "
+                            "only from checkpoints this project wrote") from None
+        raise UserError(f"--resume: cannot read {train_state} ({type(error).__name__}: {error}); delete {path} to "
+                        "resume from the checkpoint before it") from None
     missing, unexpected = set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):
-        raise ValueError(f"{path} does not match this model: missing {sorted(trainable & set(missing))[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise UserError(f"--resume: {path} does not match this model: missing {sorted(trainable & set(missing))[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]}")
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    rng = torch.load(os.path.join(path, "train_state", f"rng-rank{dist.get_rank()}.pt"), weights_only=True)
+    rng = torch.load(os.path.join(train_state, f"rng-rank{dist.get_rank()}.pt"), weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"])
-    return saved["step"]
+    return checkpoint_step(path)
+
+
+class UnsafeCheckpoint(Exception):
+    pass
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint's .metadata file is a pickle, which may name any function to call. Only the
+    classes such a file holds are allowed (the Restricting Globals recipe of Python's pickle documentation)."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+               *(("torch.distributed.checkpoint.metadata", n) for n in (
+                   "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                   "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"))}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f"its metadata names {module}.{name}")
+
+
+def check_metadata(train_state):
+    """Unpickle train_state/.metadata with MetadataUnpickler: UnsafeCheckpoint if it names anything else."""
+    try:
+        with open(os.path.join(train_state, ".metadata"), "rb") as f:
+            MetadataUnpickler(f).load()
+    except UnsafeCheckpoint:
+        raise
+    except Exception as e:  # cut, or not a pickle at all
+        raise UserError(f"--resume: {train_state}/.metadata is unreadable ({type(e).__name__}: {e}); delete its "
+                        "checkpoint to resume from the one before it") from None
+
+
+class SafeReader(dcp.FileSystemReader):
+    """dcp's reader, with the metadata checked by MetadataUnpickler before torch's own code reads it."""
+
+    def read_metadata(self, *args, **kwargs):
+        check_metadata(self.path)
+        return super().read_metadata(*args, **kwargs)
+
+
+class SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    """A checkpoint's non-tensor values (the optimizer's hyper-parameters) are torch.save pickles, which the default
+    planner loads with weights_only=False; here they must pass weights_only=True first."""
+
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpoint(f"a value holds {str(e).splitlines()[0]}") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -500,16 +839,26 @@ def load_checkpoint(model, optimizer, path, cfg):
 
 
 class MetricsLog:
-    """output_dir/metrics.jsonl, a JSON object per optimizer step (appended on resume), and a progress bar, on rank 0."""
+    """output_dir/metrics.jsonl, a JSON object per optimizer step, and a progress bar, on rank 0. A run resumed at
+    step `initial` first drops the records after it (the steps it runs again) and a last line cut by a crash."""
 
-    def __init__(self, output_dir, fresh, total, initial):
+    def __init__(self, output_dir, initial, total):
         from tqdm import tqdm
 
         self.rank0 = dist.get_rank() == 0
         self.path = os.path.join(output_dir, "metrics.jsonl")
         os.makedirs(output_dir, exist_ok=True)
-        if self.rank0 and fresh and os.path.exists(self.path):
-            os.remove(self.path)
+        if self.rank0 and os.path.exists(self.path):
+            kept = []
+            with open(self.path, "rb") as f:
+                for line in f.read().splitlines() if initial else []:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= initial:
+                        kept.append(line + b"\n")
+            checkpoints.atomic_write(self.path, partial(write_lines, lines=kept))
         self.bar = tqdm(total=total, initial=initial, disable=not self.rank0,
                         desc=os.path.basename(output_dir.rstrip("/")))
 
@@ -523,6 +872,11 @@ class MetricsLog:
 
     def close(self):
         self.bar.close()
+
+
+def write_lines(path, lines):
+    with open(path, "wb") as f:
+        f.writelines(lines)
 
 
 # Dense bf16 peaks (docs/performance.md section 1), matched against torch.cuda.get_device_name in this order: the
@@ -569,9 +923,17 @@ def peak_memory_gb(device):
 
 
 def main(argv=None, stage_defaults=None, presets=None, description=None):
-    cfg = parse_config(argv, stage_defaults or {}, presets or {}, description)
+    """The command line: a UserError (a bad flag, data sample, checkpoint; a non-finite loss) is printed as one
+    message, by every rank that meets it, and the process exits with status 2; anything else is a bug, with its
+    traceback."""
     try:
+        cfg = parse_config(argv, stage_defaults or {}, presets or {}, description, check_files=True)
         train(cfg)
+    except UserError as e:
+        rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+        if dist.is_initialized() or rank == "0":  # a settings error is the same on every rank: rank 0 says it
+            print(f"error: {f'[rank {rank}] ' if world > 1 else ''}{e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

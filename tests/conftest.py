@@ -28,6 +28,17 @@ def backbones(tmp_path_factory, llama_tok):
     return save_tiny_backbones(str(tmp_path_factory.mktemp("backbones")), tokenizer=llama_tok)
 
 
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """The toy world, small (test_train.py's flags() train in it): its replies differ a lot in length ("Yes." or a
+    description), so ranks and micro-batches hold different numbers of supervised tokens, and some samples are
+    text-only. Tests read it and never write into it."""
+    from tools.toy_world import build_world
+
+    root = tmp_path_factory.mktemp("world")
+    return {**build_world(str(root), n_images=40, n_test=4, clip_steps=2, llm_steps=2), "root": root}
+
+
 @pytest.fixture
 def crash_on_second_answer(monkeypatch):
     """A function that makes generate.answer raise KeyboardInterrupt on its second call from then on, as a run stopped

@@ -14,17 +14,8 @@ import finetune
 import pretrain
 import train
 from model import LlavaModel
-from tools.toy_world import build_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The toy world, small: its replies differ a lot in length ("Yes." or a description), so ranks and micro-batches
-    hold different numbers of supervised tokens, and some samples are text-only."""
-    root = tmp_path_factory.mktemp("world")
-    return {**build_world(str(root), n_images=40, n_test=4, clip_steps=2, llm_steps=2), "root": root}
 
 
 def flags(world, out, stage, **overrides):
@@ -78,7 +69,7 @@ sys.stdout.write("shared: ok\\n")  # one write per line: the two ranks share the
 sys.stdout.flush()
 try:
     train.check_shared_output_dir({str(tmp_path / "local")!r} + str(dist.get_rank()), device, wait_seconds=0.5)
-except RuntimeError as e:
+except train.UserError as e:
     sys.stdout.write(f"local: {{e}}\\n")
 dist.destroy_process_group()
 """)
