@@ -215,7 +215,7 @@ def global_counts(micro, flops, device):
              "samples": sum(len(b["input_ids"]) for b in micro),
              "image_samples": sum((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum().item() for b in micro),
              "images": sum(images),
-             "skipped_samples": sum(b["skipped"] for b in micro),
+             "skipped_samples": sum(len(b["skipped"]) for b in micro),
              "flops": sum(flops(b["attention_mask"].sum(1), n) for b, n in zip(micro, images))}
     counts = torch.tensor(list(local.values()), dtype=torch.float64, device=device)
     dist.all_reduce(counts)
