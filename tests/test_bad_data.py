@@ -405,3 +405,19 @@ def test_a_directory_without_a_tokenizer_is_named(tmp_path):
     with pytest.raises(UserError, match=r"llm: cannot load a tokenizer"):
         load_tokenizer(str(tmp_path / "llm"))
 
+
+def test_show_sample_reports_user_errors_without_a_traceback(tmp_path, backbones, capsys):
+    from tools.show_sample import main
+
+    vision, llm = backbones
+    path = write(tmp_path, [GOOD])
+    for args, message in [(["--data", str(tmp_path / "none.json"), "--tokenizer", llm], "none.json: no such data file"),
+                          (["--data", path], "--tokenizer: needed with --data"),
+                          (["--data", path, "--tokenizer", str(tmp_path)], "cannot load a tokenizer"),
+                          (["--data", path, "--tokenizer", llm, "--vision-tower", vision, "--image-folder",
+                            str(tmp_path), "--index", "3"], "--index 3: "),
+                          (["--data", path, "--tokenizer", llm, "--image-tokens", "-1"], "image tokens per image")]:
+        with pytest.raises(SystemExit) as exit:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith("error: ") and message in err, (args, err)
