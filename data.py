@@ -27,16 +27,19 @@ sample that cannot be aligned; errors name the sample's id.
 """
 
 import bisect
+import codecs
 import itertools
 import json
 import logging
 import os
 import re
+import warnings
 from array import array
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IGNORE_INDEX = -100  # label of a position that is not supervised (PyTorch's cross-entropy default)
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id: one per image token, filled with image features by model.py
@@ -70,11 +73,20 @@ def parse_conversation(turns, n_images, where):
     A sample with images but no tag gets "<image>\\n" at the start of its first turn, as LLaVA does at inference.
     """
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns")
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns, got "
+                        f"{json_type(turns)}; fix the sample or skip bad samples")
     messages = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
-            raise DataError(f"{where}: turn {i} must be {{'from': 'human' or 'gpt', 'value': str}}, got {turn!r:.200}")
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: turn {i} must be an object {{'from': 'human' or 'gpt', 'value': text}}, got "
+                            f"{json_type(turn)}; fix the sample or skip bad samples")
+        if not isinstance(turn.get("from"), str) or turn["from"] not in ROLES:
+            raise DataError(f"{where}: turn {i}'s 'from' must be 'human' or 'gpt', got {turn.get('from')!r:.80}; "
+                            "fix the sample or skip bad samples")
+        if not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}: turn {i}'s 'value' must be text, got {json_type(turn.get('value'))}; "
+                            "fix the sample or skip bad samples")
+        check_unicode(turn["value"], f"{where}: turn {i}'s 'value'")
         role = ROLES[turn["from"]]
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
@@ -99,6 +111,26 @@ def parse_conversation(turns, n_images, where):
         raise DataError(f"{where}: {n_images} images but only {n_tags} {IMAGE_TOKEN} tag(s); "
                         f"put one {IMAGE_TOKEN} where each image belongs")
     return [{"role": m["role"], "content": move_image_tags_first(m["content"])} for m in messages]
+
+
+def json_type(value):
+    """The JSON name of a parsed value's type, for messages ("a string", "null")."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(text, what):
+    """JSON can spell an unpaired UTF-16 surrogate ("\\ud800"), which is not a character: no tokenizer or file system
+    takes it. Such text is an error here, where we know whose it is."""
+    bad = SURROGATE.search(text)
+    if bad:
+        raise DataError(f"{what} holds an unpaired surrogate {bad.group()!r} at character {bad.start()}, which is not "
+                        "text (a broken \\u escape in the JSON); fix the text or skip bad samples")
 
 
 def move_image_tags_first(text):
@@ -185,12 +217,16 @@ class ChatFormat:
 
     def __init__(self, tokenizer, template, image_tokens):
         if template not in TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+            raise UserError(f"--template: unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
         if template == "chat_template" and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat_template' needs a tokenizer with a chat template (tokenizer_config.json "
-                             "or chat_template.jinja); use vicuna_v1 for Vicuna/Llama-2 LLMs")
+            raise UserError("--template chat_template: the tokenizer has no chat template (tokenizer_config.json or "
+                            "chat_template.jinja); use vicuna_v1 for Vicuna/Llama-2 LLMs")
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(f"{type(tokenizer).__name__} gives no character offsets; load a fast (tokenizers) tokenizer")
+            raise UserError(f"the tokenizer: {type(tokenizer).__name__} is a slow tokenizer, which gives no character "
+                            "offsets for the label masks; use a tokenizer directory with a tokenizer.json (a fast "
+                            "tokenizer), or install sentencepiece so that transformers can convert tokenizer.model")
+        if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens <= 0:
+            raise UserError(f"image tokens per image must be a positive integer, got {image_tokens!r}")
         self.tokenizer, self.template, self.image_tokens = tokenizer, template, image_tokens
         # LLaVA's own templates rely on the tokenizer's BOS (one, at the very front); chat templates write their own.
         self.prefix = [] if template == "chat_template" else special_prefix(tokenizer)
@@ -337,8 +373,9 @@ def special_prefix(tokenizer):
     text, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
     start = next((i for i in range(len(full) - len(text) + 1) if full[i:i + len(text)] == text), None)
     if start is None:
-        raise ValueError(f"{type(tokenizer).__name__} changes a text's tokens when it adds its special tokens, so "
-                         "the tokens it adds before a text cannot be told apart; use a Llama-style tokenizer")
+        raise UserError(f"the tokenizer: {type(tokenizer).__name__} changes a text's tokens when it adds its special "
+                        "tokens, so the tokens it adds before a text cannot be told apart; use a Llama-style tokenizer "
+                        "or --template chat_template")
     return full[:start]
 
 
@@ -363,26 +400,59 @@ def load_image_processor(path):
     """The vision tower's image processor, with the PIL backend: the numerics LLaVA-1.5 was trained with (the
     torchvision backend resizes slightly differently). The class is picked from preprocessor_config.json here rather
     than by AutoImageProcessor, which in some transformers 5 releases refuses to load at all without torchvision.
-    Older configs (openai/clip-vit-large-patch14-336's) name a "CLIPFeatureExtractor"; that is the same processor."""
+    Older configs (openai/clip-vit-large-patch14-336's) name a "CLIPFeatureExtractor"; that is the same processor.
+    A processor is tried on a small image here, so that a config whose values do not work is an error naming the
+    directory now rather than at the first sample; no code from the directory is ever run."""
     import transformers
     from transformers import AutoImageProcessor
     from transformers.image_processing_base import ImageProcessingMixin
 
-    saved, _ = ImageProcessingMixin.get_image_processor_dict(path)
-    name = saved.get("image_processor_type") or saved.get("feature_extractor_type", "")
+    try:
+        saved, _ = ImageProcessingMixin.get_image_processor_dict(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: no readable preprocessor_config.json (the vision tower's image processor): {e}; "
+                        "give the vision tower's directory or hub id") from None
+    name = (saved.get("image_processor_type") or saved.get("feature_extractor_type", "")) if isinstance(saved, dict) \
+        else None
+    if not isinstance(name, str):
+        raise UserError(f"{path}: preprocessor_config.json is not an image processor's config (an object with an "
+                        "image_processor_type); give the vision tower's directory or hub id")
     pil = getattr(transformers, name.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast") + "Pil", None)
-    return pil.from_pretrained(path) if pil else AutoImageProcessor.from_pretrained(path, backend="pil")
+    if not (isinstance(pil, type) and issubclass(pil, ImageProcessingMixin)):
+        pil = None
+    try:
+        processor = pil.from_pretrained(path) if pil else \
+            AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
+        process_image(Image.new("RGB", (8, 4)), processor, "pad")
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: cannot build an image processor from its preprocessor_config.json "
+                        f"({type(e).__name__}: {e}); give the vision tower's directory or hub id") from e
+    return processor
+
+
+def load_tokenizer(path):
+    """The LLM's tokenizer from a directory or hub id; a file that does not load is an error naming `path`. Code
+    shipped with a tokenizer (trust_remote_code) is never run."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except MemoryError:
+        raise
+    except Exception as e:  # OSError, HFValidationError, a JSON or tokenizers error in its files, ...
+        raise UserError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {e}); give an LLM directory with "
+                        "tokenizer.json (or tokenizer.model) and tokenizer_config.json, or a hub id") from e
 
 
 def load_tokenizer_and_processor(checkpoint, config):
     """The tokenizer and image processor of a checkpoint directory: its own files when it has them (training writes
     them), else those of the backbones its config names (config.llm, config.vision_tower)."""
-    from transformers import AutoTokenizer
-
     def own(*names):
         return os.path.isdir(checkpoint) and any(os.path.exists(os.path.join(checkpoint, n)) for n in names)
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint if own("tokenizer.json", "tokenizer.model") else config.llm)
+    tokenizer = load_tokenizer(checkpoint if own("tokenizer.json", "tokenizer.model") else config.llm)
     processor = load_image_processor(checkpoint if own("preprocessor_config.json") else config.vision_tower)
     return tokenizer, processor
 
@@ -398,25 +468,80 @@ def expand_to_square(image, background):
     return square
 
 
-def process_image(image, image_processor, aspect_ratio):
+ASPECT_RATIOS = ("pad", "crop")
+
+
+def process_image(image, image_processor, aspect_ratio, where="the image"):
     """A PIL image -> a (3, H, W) float tensor. `pad`: expand to square first (LLaVA-1.5 stage 2 and inference);
     `crop`: the processor alone, which resizes the short side and centre-crops (LLaVA-1.5 stage 1)."""
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise UserError(f"--image-aspect-ratio: unknown image aspect ratio {aspect_ratio!r}; choose pad or crop")
+    check_working_size(image.size, image_processor, aspect_ratio, where)
     if aspect_ratio == "pad":
         background = tuple(int(255 * m) for m in image_processor.image_mean)  # (122, 116, 104) for CLIP
         image = expand_to_square(image, background)
-    elif aspect_ratio != "crop":
-        raise ValueError(f"unknown image aspect ratio {aspect_ratio!r}; choose 'pad' or 'crop'")
     return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+def check_working_size(size, image_processor, aspect_ratio, where):
+    """A small file can still be a bomb after opening: a 60000x1 image pads to a 60000x60000 square (pad), or its
+    short side is resized to 336 pixels, the long one to 20 million (crop). The largest image processing makes must
+    stay within PIL's own limit for an image file (2 x Image.MAX_IMAGE_PIXELS, which can be raised)."""
+    if not Image.MAX_IMAGE_PIXELS:
+        return
+    w, h = size
+    if aspect_ratio == "pad":
+        w = h = max(w, h)
+    sizes = getattr(image_processor, "size", None)
+    edge = sizes.get("shortest_edge") if hasattr(sizes, "get") else None
+    scale = edge / min(w, h) if edge else 1
+    pixels = max(w * h, round(w * scale) * round(h * scale))
+    if pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        raise DataError(f"{where}: a {size[0]}x{size[1]} image; processing it ({aspect_ratio}) would make an image of "
+                        f"{pixels} pixels, more than PIL's limit of {2 * Image.MAX_IMAGE_PIXELS}: its aspect ratio is "
+                        "too extreme; crop or resize the image, or skip bad samples")
+
+
+# Formats PIL can open but should not for data: EPS is rendered by running Ghostscript (a PostScript interpreter) on
+# the file, WMF/EMF by the Windows graphics system; a data file's image is read, never run.
+UNSAFE_FORMATS = ("EPS", "WMF")
+
+
 def load_image(path, where):
+    """An image file as an RGB image, as LLaVA reads it (Image.open(path).convert("RGB")), so that what a released
+    model saw is what it sees here: alpha is dropped (RGBA, LA, and a palette's transparent colour), CMYK, YCbCr and
+    LAB go through PIL's own conversion, a multi-frame file gives its first frame, and the EXIF orientation is not
+    applied (LLaVA does not: a photo whose camera was turned is seen as stored). Only what convert("RGB") gets silently
+    wrong is done otherwise: 16-bit, 32-bit and float gray (to_rgb). Anything PIL raises while opening or decoding
+    the file (unknown format, truncated data, a decompression bomb) is the file's fault: a DataError naming it."""
+    Image.init()
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():  # PIL only warns between 1 and 2 x MAX_IMAGE_PIXELS: refuse those as well
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=[f for f in Image.OPEN if f not in UNSAFE_FORMATS]) as image:
+                return to_rgb(image)
     except FileNotFoundError:
-        raise DataError(f"{where}: image file {path} does not exist; check --image-folder and the sample's 'image'")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{where}: cannot read image {path} ({e}); replace the file or skip bad samples")
+        raise DataError(f"{where}: image file {path} does not exist; check --image-folder and the sample's 'image'") \
+            from None
+    except MemoryError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{where}: image {path} is too large to open safely ({e}); shrink the image or skip bad "
+                        "samples") from None
+    except Exception as e:
+        raise DataError(f"{where}: cannot read image {path} ({type(e).__name__}: {e}); replace the file or skip bad "
+                        "samples") from None
+
+
+def to_rgb(image):
+    """convert("RGB") clips gray deeper than 8 bits to 255 (a 16-bit PNG comes out white): such images are scaled to
+    8 bits first. I;16 holds 0..65535 (x / 257); I holds what PIL opens 16-bit PNG and PPM files as, the same range
+    (32-bit values beyond it are clipped); F is a float TIFF's gray, 0..1 by that format's convention (clipped, NaN
+    black). Every other mode PIL converts correctly."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        pixels = np.asarray(image, dtype=np.float32) * (255 if image.mode == "F" else 1 / 257)
+        image = Image.fromarray(np.clip(np.nan_to_num(pixels).round(), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -425,34 +550,66 @@ def load_image(path, where):
 
 def read_samples(path):
     """LLaVA's data file: a JSON list of samples, or one JSON object per line (.jsonl). Returns the samples and, for
-    each, where it is in the file ("data.json, sample #3 (id 'abc')"), for error messages."""
+    each, where it is in the file ("data.json, sample #3 (id 'abc')"), for error messages. Each must be an object."""
     samples, places = [], []
     for position, _, sample in iter_data_file(path):
+        place = sample_place(path, position, sample)
+        if not isinstance(sample, dict):
+            raise DataError(f"{place}: expected a JSON object, got {json_type(sample)}; fix the file")
         samples.append(sample)
-        places.append(sample_place(path, position, sample))
+        places.append(place)
     return samples, places
+
+
+def read_text(path):
+    """A data file's text. It must be UTF-8 (JSON's encoding; a BOM is allowed): another encoding is an error naming
+    the byte, never text decoded wrongly."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a data file; give the .json or .jsonl file in it") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data file ({e.strerror or e}); check the path and its "
+                        "permissions") from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at, line = bom + e.start, data.count(b"\n", 0, bom + e.start) + 1
+        raise DataError(f"{path}: not UTF-8 text: byte {at} (line {line}) is "
+                        f"{data[at:at + 1]!r} ({e.reason}); re-encode the file as UTF-8 (JSON files are UTF-8)") \
+            from None
 
 
 def iter_data_file(path):
     """(position, JSON text, parsed sample) for each sample of a data file, one at a time: a position is (True, index)
-    in a JSON list, (False, line number) in JSON lines. Malformed JSON is an error naming the line and column."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    in a JSON list, (False, line number) in JSON lines. Malformed JSON is an error naming the line and column; a
+    sample is whatever JSON value is there (the reader checks it: a bad sample can be skipped, a bad file cannot)."""
+    text = read_text(path)
     if not text.lstrip().startswith("["):
-        for n, line in enumerate(text.splitlines(), 1):
+        # Lines end at "\n" only: str.splitlines() also splits at U+2028 and other characters a JSON string may hold
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     sample = json.loads(line)
+                except RecursionError:
+                    raise DataError(f"{path}: line {n} is nested too deeply to read; fix or remove it") from None
                 except json.JSONDecodeError as e:
+                    if is_one_object(text):
+                        raise DataError(f"{path}: one JSON object, not a list of samples; a data file is a JSON list "
+                                        "[{...}, ...] of samples, or one sample per line (JSON lines)") from None
                     raise DataError(f"{path}: malformed JSON on line {n}: {e.msg}") from None
-                yield (False, n), line, checked(sample, path, (False, n))
+                yield (False, n), line, sample
         return
     decoder, blank = json.JSONDecoder(), re.compile(r"\s*")
     i, n = blank.match(text, text.index("[") + 1).end(), 0
     try:
         while text[i:i + 1] != "]":
             sample, end = decoder.raw_decode(text, i)
-            yield (True, n), text[i:end], checked(sample, path, (True, n))
+            yield (True, n), text[i:end], sample
             i, n = blank.match(text, end).end(), n + 1
             if text[i:i + 1] == ",":
                 i = blank.match(text, i + 1).end()
@@ -462,27 +619,59 @@ def iter_data_file(path):
                 raise json.JSONDecodeError("expected ',' or ']' after a sample", text, i)
         if text[i + 1:].strip():
             raise json.JSONDecodeError("extra data after the list", text, i + 1)
+    except RecursionError:
+        raise DataError(f"{path}: sample #{n} is nested too deeply to read; fix or remove it") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
-def checked(sample, path, position):
-    if not isinstance(sample, dict):
-        raise DataError(f"{sample_place(path, position)}: expected a JSON object with 'conversations', got "
-                        f"{type(sample).__name__}")
-    return sample
+def is_one_object(text):
+    """Whether a file that fails to read as JSON lines is one JSON object over many lines (a sample, or a wrapper)."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def sample_place(path, position, sample=None):
     """Where a sample is, for messages: "data.json, sample #3 (id 'abc')", or "data.jsonl, line 4"."""
     in_list, n = position
     text = f"{path}, sample #{n}" if in_list else f"{path}, line {n}"
-    return f"{text} (id {sample['id']!r})" if sample is not None and "id" in sample else text
+    sample_id = sample.get("id") if isinstance(sample, dict) else None
+    return f"{text} (id {sample_id!r:.80})" if is_id(sample_id) else text
 
 
-def image_paths(sample):
+def is_id(value):
+    """A sample's id names it in messages: a string or a number (LLaVA's are both), null meaning none."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def image_paths(sample, where="the sample"):
+    """The sample's image files, as written in its "image" field: none, one path, or a list of paths."""
     image = sample.get("image")
-    return [] if image is None else [image] if isinstance(image, str) else list(image)
+    paths = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise DataError(f"{where}: 'image' must be a file name or a list of file names, got {image!r:.100}; fix "
+                        "the sample or skip bad samples")
+    for p in paths:
+        check_unicode(p, f"{where}: image {p!r:.100}")
+        if "\0" in p:
+            raise DataError(f"{where}: image {p!r:.100} holds a NUL character, which no file name does; fix the "
+                            "sample or skip bad samples")
+    return paths
+
+
+def image_file(folder, path, where):
+    """The file of an image path, which must lie inside the image folder when there is one: a data file says which
+    images to read, not which files. The test is on the path as written (no ".." out of the folder, no absolute path
+    elsewhere); symbolic links inside the folder are the folder owner's choice and are followed."""
+    if not folder:
+        return path
+    full = os.path.normpath(os.path.join(folder, path))
+    if os.path.relpath(full, folder).split(os.sep)[0] == "..":
+        raise DataError(f"{where}: image {path!r} is outside the image folder {folder}; a data file may only name "
+                        "images inside --image-folder: fix the path (relative to the folder) or skip bad samples")
+    return full
 
 
 class LazySupervisedDataset(torch.utils.data.Dataset):
@@ -492,27 +681,38 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     would take gigabytes of Python objects in every rank and every loader worker (reference counting makes each
     forked worker copy the pages it reads), the buffer a few hundred MB that forked workers share.
 
-    With skip_bad=True a bad sample is counted and replaced by the next good one (deterministically), and every
-    item says how many bad samples were passed over to reach it; otherwise the first bad sample raises DataError.
+    With skip_bad=True a bad sample is replaced by the next good one (deterministically): one rejected when the file
+    is read is counted in `num_bad` and its place kept in `bad_places`; one found bad when read (an image) is passed
+    over, and the item returned says which: its "skipped" lists the dataset indices passed over to reach it (a run
+    counts the distinct ones; `where(i)` names them). Each bad sample is logged once per process. Otherwise the first
+    bad sample raises DataError.
     """
 
     def __init__(self, data_path, image_folder, fmt, image_processor=None, aspect_ratio="pad", max_length=2048,
                  skip_bad=False):
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+            raise UserError(f"--max-length: must be a positive number of tokens, got {max_length!r}")
+        if aspect_ratio not in ASPECT_RATIOS:
+            raise UserError(f"--image-aspect-ratio: unknown image aspect ratio {aspect_ratio!r}; choose pad or crop")
+        if not data_path:
+            raise UserError("--data-path: no data file given; give LLaVA's data file (.json list or .jsonl)")
         self.data_path, self.fmt, self.image_processor, self.image_folder = data_path, fmt, image_processor, image_folder
         self.aspect_ratio, self.max_length, self.skip_bad = aspect_ratio, max_length, skip_bad
-        blob, self.offsets, self.positions, self.lengths, self.num_bad = bytearray(), array("q", [0]), array("q"), \
-            array("q"), 0
-        self.in_list, first_error = True, None
+        blob, self.offsets, self.positions, self.lengths = bytearray(), array("q", [0]), array("q"), array("q")
+        self.num_bad, self.bad_places, self.warned = 0, [], set()
+        self.in_list, first_error, seen = True, None, 0
         for position, text, sample in iter_data_file(data_path):  # malformed JSON anywhere raises first
-            self.in_list = position[0]
+            self.in_list, seen = position[0], seen + 1
+            place = sample_place(data_path, position, sample)
             try:
-                self.check(sample, sample_place(data_path, position, sample))
+                self.check(sample, place)
             except DataError as e:
                 if not skip_bad:
                     first_error = first_error or e
                     continue
                 log.warning("skipping bad sample: %s", e)
                 self.num_bad += 1
+                self.bad_places.append(place)
                 continue
             blob += text.encode()
             self.offsets.append(len(blob))
@@ -522,13 +722,30 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         if first_error:
             raise first_error
         self.blob = bytes(blob)
+        if not seen:
+            raise DataError(f"{data_path}: no samples (an empty file or list); a data file is a JSON list of samples "
+                            "or one sample per line (JSON lines)")
         if not len(self):
-            raise DataError(f"{data_path}: no usable samples")
+            raise DataError(f"{data_path}: no usable samples: all {seen} are bad (see the warnings above)")
+        if image_folder and not os.path.isdir(image_folder) and any(n > 0 for n in self.lengths):
+            problem = "is not a directory" if os.path.exists(image_folder) else "does not exist"
+            raise UserError(f"--image-folder {image_folder}: {problem}, and the samples' images are read from it; "
+                            "give the folder the samples' image paths are relative to")
 
     def check(self, sample, where):
-        if image_paths(sample) and self.image_processor is None:
-            raise DataError(f"{where}: has an image but the dataset was built without an image processor")
-        return parse_conversation(sample.get("conversations"), len(image_paths(sample)), where)
+        """A sample's messages and image files, or a DataError saying which field is wrong. No file is opened."""
+        if not isinstance(sample, dict):
+            raise DataError(f"{where}: a sample must be an object {{'id', 'image', 'conversations'}}, got "
+                            f"{json_type(sample)}; fix the sample or skip bad samples")
+        if not (sample.get("id") is None or is_id(sample["id"])):
+            raise DataError(f"{where}: 'id' must be a string or a number, got {json_type(sample['id'])}; fix the "
+                            "sample or skip bad samples")
+        paths = image_paths(sample, where)
+        if paths and self.image_processor is None:
+            raise UserError(f"{where}: has an image but no image processor was given (the vision tower); give one, "
+                            "or use a text-only data file")
+        messages = parse_conversation(sample.get("conversations"), len(paths), where)
+        return messages, [image_file(self.image_folder, p, where) for p in paths]
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -537,7 +754,9 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         return json.loads(self.blob[self.offsets[i]:self.offsets[i + 1]])
 
     def where(self, i, sample=None):
-        return sample_place(self.data_path, (self.in_list, self.positions[i]), sample)
+        """Where sample i (any index of the dataset, a skipped one too) is in the data file, with its id."""
+        return sample_place(self.data_path, (self.in_list, self.positions[i]),
+                            self.sample(i) if sample is None else sample)
 
     @property
     def modality_lengths(self):
@@ -547,28 +766,37 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def load(self, i):
         sample = self.sample(i)
         here = self.where(i, sample)
-        ids, labels = self.fmt.encode(self.check(sample, here), here)
+        messages, files = self.check(sample, here)
+        ids, labels = self.fmt.encode(messages, here)
         ids, labels = truncate(ids, labels, self.max_length, here)
-        paths = [os.path.join(self.image_folder or "", p) for p in image_paths(sample)]
-        images = [process_image(load_image(p, here), self.image_processor, self.aspect_ratio) for p in paths]
+        images = [process_image(load_image(f, here), self.image_processor, self.aspect_ratio, f"{here}: image {f}")
+                  for f in files]
         return {"id": sample.get("id"), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "pixel_values": torch.stack(images) if images else None}
 
     def __getitem__(self, i):
-        for skipped in range(len(self)):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} of a dataset of {len(self)}")
+        skipped = []
+        for k in range(len(self)):
+            j = (i + k) % len(self)
             try:
-                return {**self.load((i + skipped) % len(self)), "skipped": skipped}
+                return {**self.load(j), "skipped": skipped}
             except DataError as e:
                 if not self.skip_bad:
                     raise
-                log.warning("skipping bad sample: %s", e)
+                if j not in self.warned:
+                    self.warned.add(j)
+                    log.warning("skipping bad sample: %s", e)
+                skipped.append(j)
                 error = e
-        raise DataError(f"every sample is bad; the last error: {error}")
+        raise DataError(f"{self.data_path}: every sample is bad; the last error: {error}")
 
 
 def collate(samples, pad_id):
     """Right-padded batch: input_ids (pad_id), labels (IGNORE_INDEX), attention_mask, and the images of all samples
-    concatenated in order (None when the batch has none). `skipped` counts the bad samples passed over."""
+    concatenated in order (None when the batch has none). `skipped`: the dataset indices of the bad samples passed
+    over to reach the batch's samples (LazySupervisedDataset.__getitem__)."""
     n = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)
@@ -579,7 +807,7 @@ def collate(samples, pad_id):
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "pixel_values": torch.cat(images) if images else None,
-            "skipped": sum(s.get("skipped", 0) for s in samples)}
+            "skipped": [i for s in samples for i in s.get("skipped", [])]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -240,7 +240,9 @@ def test_bad_samples_are_named(name, tmp_path, llama_tok, image_processor):
     assert "bad-7" in str(error.value) and "data.json" in str(error.value)
     skipping = LazySupervisedDataset(path, str(tmp_path), fmt, image_processor, skip_bad=True)
     items = [skipping[i] for i in range(len(skipping))]
-    assert skipping.num_bad + sum(item["skipped"] for item in items) == 1
+    skipped = {i for item in items for i in item["skipped"]}  # bad images: dataset indices passed over
+    assert skipping.num_bad + len(skipped) == 1 and len(skipping.bad_places) == skipping.num_bad
+    assert all("bad-7" in place for place in skipping.bad_places + [skipping.where(i) for i in skipped])
     assert all(item["id"] == "good" for item in items)
 
 

@@ -19,7 +19,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, ChatFormat, LazySupervisedDataset,  # noqa: E402
-                  load_image_processor)
+                  UserError, load_image_processor, load_tokenizer)
 
 TOY_SAMPLE = {"id": "toy-0", "image": "toy.png", "conversations": [
     {"from": "human", "value": "What is in the image?\n<image>"}, {"from": "gpt", "value": "A red circle."},
@@ -47,12 +47,17 @@ def image_tokens_of(vision_tower):
     hub), never the weights."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(vision_tower)
+    try:
+        config = AutoConfig.from_pretrained(vision_tower, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--vision-tower {vision_tower}: cannot read its config.json ({e}); give a vision tower's "
+                        "directory or hub id, or pass --image-tokens") from None
     config = getattr(config, "vision_config", config)  # a full CLIP checkpoint: its vision half
-    if not (hasattr(config, "image_size") and hasattr(config, "patch_size")):
-        raise ValueError(f"{vision_tower}: its config has no image_size and patch_size to count patches from; "
-                         "pass --image-tokens")
-    return (config.image_size // config.patch_size) ** 2
+    size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if not (isinstance(size, int) and isinstance(patch, int) and 0 < patch <= size):
+        raise UserError(f"--vision-tower {vision_tower}: its config has no usable image_size and patch_size to count "
+                        "patches from; pass --image-tokens")
+    return (size // patch) ** 2
 
 
 def show(tokenizer, ids, labels, color):
@@ -86,19 +91,29 @@ def main(argv=None):
     p.add_argument("--index", type=int, nargs="+", default=[0])
     p.add_argument("--no-color", action="store_true")
     args = p.parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
-    from transformers import AutoTokenizer
 
+def run(args):
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:
             args.data, args.image_folder, args.tokenizer, args.vision_tower = toy_inputs(tmp)
+        if args.tokenizer is None:
+            raise UserError("--tokenizer: needed with --data (the LLM's directory or hub id)")
         if args.image_tokens is None:
             args.image_tokens = image_tokens_of(args.vision_tower) if args.vision_tower else 576
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
         processor = load_image_processor(args.vision_tower) if args.vision_tower else None
         fmt = ChatFormat(tokenizer, args.template, args.image_tokens)
         dataset = LazySupervisedDataset(args.data, args.image_folder, fmt, processor, args.image_aspect_ratio,
                                         args.max_length)
+        outside = [i for i in args.index if not 0 <= i < len(dataset)]
+        if outside:
+            raise UserError(f"--index {outside[0]}: {args.data} has samples 0 to {len(dataset) - 1}")
         for i in args.index:
             sample = dataset[i]
             ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
