@@ -51,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 import checkpoints
 from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, ChatFormat, DataError, LazySupervisedDataset,
-                  ModalityLengthGroupedSampler, UserError, collate, load_image_processor)
+                  ModalityLengthGroupedSampler, UserError, collate, load_image_processor, load_tokenizer)
 from model import LlavaConfig, LlavaModel, supervised_targets
 
 
@@ -234,10 +234,8 @@ def fit(cfg, device):
     saved = check_resume(resume_from, cfg) if resume_from else None
     torch.manual_seed(cfg.seed)
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)  # first: a tokenizer that cannot load fails in seconds
-    image_processor = load_image_processor(cfg.vision_tower)
+    tokenizer = named(load_tokenizer, "llm", cfg.llm)  # first: a tokenizer that cannot load fails in seconds
+    image_processor = named(load_image_processor, "vision_tower", cfg.vision_tower)
     model = build_model(replace(cfg, init_from="") if resume_from else cfg, device)
     fmt = ChatFormat(tokenizer, cfg.template, model.num_image_tokens)
     dataset = LazySupervisedDataset(cfg.data_path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
@@ -281,6 +279,14 @@ def fit(cfg, device):
     export_model(model, cfg.output_dir, tokenizer, image_processor, cfg, final=True)
     dist.barrier()
     return model
+
+
+def named(load, name, path):
+    """load(path), a UserError naming the flag that gave the path."""
+    try:
+        return load(path)
+    except UserError as e:
+        raise UserError(f"{flag(name)} {e}") from None
 
 
 class ReportErrors(torch.utils.data.Dataset):
