@@ -20,6 +20,7 @@ cut, corrupt or inconsistent with the rest is a UserError naming it. Every file 
 flushed to disk and renamed, so a crash or a power cut leaves the old file or the new one.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -219,7 +220,7 @@ def from_our_layout(path, saved):
     else:
         llm = from_pretrained_complete(AutoModelForCausalLM, find_backbone(path, "llm", config.llm,
                                                                            backbones.get("llm")))
-    return assign_weights(LlavaModel(config, tower, llm), state, path)
+    return assign_weights(llava_model(path, config, tower, llm), state, path)
 
 
 def our_config(path, saved):
@@ -275,7 +276,7 @@ def from_original_llava(path, saved, model_base):
             raise UserError(f"{path} holds no LLM weights (pytorch_model*.bin or model*.safetensors), as LLaVA's "
                             "stage-1 output (config.json + mm_projector.bin) does not: pass the base LLM as model_base "
                             "(--model-base)")
-        model = LlavaModel(config, tower, from_pretrained_complete(AutoModelForCausalLM, model_base))
+        model = llava_model(path, config, tower, from_pretrained_complete(AutoModelForCausalLM, model_base))
         model.multi_modal_projector.load_state_dict(projector_weights(os.path.join(path, "mm_projector.bin"),
                                                                       expected=model.multi_modal_projector))
         return model
@@ -288,7 +289,7 @@ def from_original_llava(path, saved, model_base):
             state[f"multi_modal_projector.{ours}"] = tensor
         elif not name.startswith("model.vision_tower.") and not name.endswith("rotary_emb.inv_freq"):
             state[f"language_model.{name}"] = tensor  # (inv_freq: saved by older transformers, now computed)
-    return assign_weights(LlavaModel(config, tower, llm), state, path)
+    return assign_weights(llava_model(path, config, tower, llm), state, path)
 
 
 def from_llava_hf(path):
@@ -315,9 +316,18 @@ def from_transformers_llava(hf, source=""):
         llm = AutoModelForCausalLM.from_config(c.text_config)
     setattr(llm, llm.base_model_prefix, hf.model.language_model)
     llm.lm_head = hf.lm_head
-    model = LlavaModel(config, hf.model.vision_tower, llm)
+    model = llava_model(source, config, hf.model.vision_tower, llm)
     model.multi_modal_projector = hf.model.multi_modal_projector
     return model
+
+
+def llava_model(path, config, tower, llm):
+    """LlavaModel(...), whose checks of the config against the backbones (a vision_feature_layer the tower does not
+    have, cls_patch without a CLS token) name the checkpoint's config.json."""
+    try:
+        return LlavaModel(config, tower, llm)
+    except UserError as e:
+        raise UserError(f"{os.path.join(path, 'config.json')}: {e}") from None
 
 
 def assign_weights(model, state, path):
@@ -556,8 +566,13 @@ def remove(path):
 
 
 def fsync(path):
+    """Flush a file, or a directory's entries, to disk. A filesystem that cannot sync a directory (some FUSE and
+    network mounts say EINVAL) keeps the rename without the guarantee, as before."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if not (os.path.isdir(path) and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS)):
+            raise
     finally:
         os.close(fd)

@@ -209,9 +209,10 @@ class LlavaModel(nn.Module):
                 with reading(llm, "LLM"):
                     text_config = AutoConfig.from_pretrained(llm)
                 with params_on_meta():
-                    return cls(config, AutoModel.from_config(getattr(vision_config, "vision_config", vision_config),
-                                                             dtype=dtype),
-                               AutoModelForCausalLM.from_config(text_config, dtype=dtype))
+                    tower = AutoModel.from_config(vision_part(vision_config, vision), dtype=dtype)
+                    with reading(llm, "LLM"):  # (a config of another kind of model)
+                        language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+                    return cls(config, tower, language_model)
             model = cls(config, load_vision_tower(config.vision_tower, dtype),
                         from_pretrained_complete(AutoModelForCausalLM, config.llm, dtype=dtype))
         return model if dtype == "auto" else model.to(dtype)
@@ -232,8 +233,17 @@ def load_vision_tower(path, dtype="auto"):
     path = resolve(path)
     with reading(path, "vision tower"):
         config = AutoConfig.from_pretrained(path)
-    return from_pretrained_complete(AutoModel, path, config=getattr(config, "vision_config", config), dtype=dtype,
+    return from_pretrained_complete(AutoModel, path, config=vision_part(config, path), dtype=dtype,
                                     what="vision tower")
+
+
+def vision_part(config, path):
+    """The vision model's config in a vision tower's (a whole CLIP's has one); an LLM's, say, is a UserError."""
+    config = getattr(config, "vision_config", config)
+    if not all(hasattr(config, k) for k in ("image_size", "patch_size", "hidden_size")):
+        raise UserError(f"vision tower {path}: a {config.model_type} model, not a vision model (its config.json has "
+                        "no image_size and patch_size); pass a CLIP or SigLIP checkpoint")
+    return config
 
 
 def from_pretrained_complete(model_class, path, what="LLM", **kwargs):

@@ -51,7 +51,8 @@ def test_backbone_paths_are_saved_absolute_with_a_fingerprint_and_load_from_anyw
     checkpoints.save(model, "stage2", modules=STAGE_2)  # stage 2 holds the LLM: only the tower is referenced
     assert set(json.loads((tmp_path / "stage2" / "config.json").read_text())["backbones"]) == {"vision_tower"}
     saved = json.loads((tmp_path / "stage1" / "config.json").read_text())
-    assert (saved["vision_tower"], saved["llm"]) == (str(tmp_path / "world" / "vision"), str(tmp_path / "world" / "llm"))
+    world = tmp_path / "world"
+    assert (saved["vision_tower"], saved["llm"]) == (str(world / "vision"), str(world / "llm"))
     assert set(saved["backbones"]) == {"vision_tower", "llm"}  # stage 1 holds neither
     assert set(saved["backbones"]["vision_tower"]["fingerprint"]) == {"config.json", "model.safetensors"}
     (tmp_path / "elsewhere").mkdir()
@@ -148,6 +149,11 @@ def test_a_path_that_is_not_there_is_a_user_error_saying_so(tmp_path, backbones)
             LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm="no/llm"), empty=empty)
     with pytest.raises(UserError, match="is not a directory here"):
         checkpoints.load(str(tmp_path / "checkpoint"))
+    for empty in (False, True):  # each backbone where the other should be
+        with pytest.raises(UserError, match=f"vision tower {llm}: a llama model, not a vision model"):
+            LlavaModel.from_config(LlavaConfig(vision_tower=llm, llm=llm), empty=empty)
+        with pytest.raises(UserError, match=f"LLM {vision}: its files cannot be read \\(ValueError: Unrecognized"):
+            LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=vision), empty=empty)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -178,12 +184,12 @@ CONFIG_DAMAGE = {  # name: (what config.json becomes, given its text, and the er
     "projector_type 5": ({"projector_type": 5}, "config.json: projector_type 5: not a string"),
     "vision_feature_layer 'x'": ({"vision_feature_layer": "x"}, "config.json: vision_feature_layer 'x': not an int"),
     "vision_feature_layer true": ({"vision_feature_layer": True}, "vision_feature_layer True: not an integer"),
-    "vision_feature_layer 99": ({"vision_feature_layer": 99}, "vision_feature_layer 99: .* has 3 layers"),
+    "vision_feature_layer 99": ({"vision_feature_layer": 99}, "config.json: vision_feature_layer 99: .* has 3 layers"),
     "template": ({"template": "alpaca"}, "config.json: template 'alpaca': not one of plain, vicuna_v1"),
     "projector_type mlp9999x_gelu": ({"projector_type": "mlp9999x_gelu"}, "unknown projector type 'mlp9999x_gelu'"),
     "text_config []": ({"text_config": []}, "config.json: text_config is not a model config"),
-    "unknown model_type": ({"vision_config": {"model_type": "no_such_model"}}, r"checkpoint .*ckpt: its files cannot be "
-                           r"read \(ValueError: .*no_such_model"),
+    "unknown model_type": ({"vision_config": {"model_type": "no_such_model"}},
+                           r"checkpoint .*ckpt: its files cannot be read \(ValueError: .*no_such_model"),
     "a width changed": ({"text_config": "hidden_size=64"}, r"ckpt: tensor \S+ is \(.*48.*\) torch.float32 in the "
                         r"weight files but \(.*64.*\) torch.float32 in the model its config.json describes"),
     "a field missing": ({"vision_tower": None}, "config.json lacks vision_tower, which checkpoints.save writes"),
@@ -233,7 +239,8 @@ WEIGHT_DAMAGE = {  # name: (what is done to the checkpoint directory, the error)
     "an empty shard": (lambda d: (d / shards(d)[1]).write_bytes(b""), "model-00002-of-.* not a readable"),
     "a missing shard": (lambda d: (d / shards(d)[-1]).unlink(), r"model.safetensors.index.json names model-(\d+)-of-"
                         r"\1.safetensors, which is not in .*ckpt \(1 of \d+ shards missing\): the download or copy"),
-    "an index of junk": (lambda d: (d / "model.safetensors.index.json").write_text("{"), "index.json: not readable JSON"),
+    "an index of junk": (lambda d: (d / "model.safetensors.index.json").write_text("{"),
+                         "index.json: not readable JSON"),
     "an index escaping": (lambda d: edit_json(d / "model.safetensors.index.json", lambda i: i["weight_map"].update(
         {"x": "../../elsewhere.safetensors"})), "index.json: its weight_map is not a map of tensor names to shard"),
     "no weights": (lambda d: [(d / f).unlink() for f in shards(d) + ["model.safetensors.index.json"]],
@@ -333,8 +340,8 @@ def test_a_projector_of_another_type_or_width_is_refused_saying_which(tmp_path):
                                         r"--projector-type mlp2x_gelu"):
         checkpoints.projector_weights(stage1, expected=Projector("linear", 32, 48))
     with pytest.raises(UserError, match=r"stage1 holds a projector for another vision tower or LLM \(linear_1 32→48, "
-                                        r"linear_2 48→48\); this model's is linear_1 32→64, linear_2 64→64: pass the "
-                                        r"--vision-tower and --llm"):
+                                        r"linear_2 48→48\); this model's is linear_1 32→64, linear_2 64→64: pass "
+                                        r"the --vision-tower and --llm"):
         checkpoints.projector_weights(stage1, expected=Projector("mlp2x_gelu", 32, 64))
 
 
