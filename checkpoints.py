@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from dataclasses import asdict, fields
 
 import torch
@@ -169,6 +170,9 @@ def check_projector(weights, projector, source):
     if have == want:
         return
     found, built = projector_type_of(have), projector_type_of(want)
+    if found is None:
+        raise UserError(f"{source} holds projector weights of no type this project builds ({', '.join(sorted(have))}); "
+                        "pass a checkpoint of a linear or mlpNx_gelu projector")
     if found != built:
         raise UserError(f"{source} holds a {found} projector ({layers_of(have)}); this model's projector type is "
                         f"{built} ({layers_of(want)}): pass --projector-type {found}")
@@ -179,7 +183,7 @@ def check_projector(weights, projector, source):
 def projector_type_of(shapes):
     n = sum(name.endswith(".weight") for name in shapes)
     if not n or set(shapes) != {f"linear_{i}.{p}" for i in range(1, n + 1) for p in ("weight", "bias")}:
-        return "unrecognised"
+        return None
     return "linear" if n == 1 else f"mlp{n}x_gelu"
 
 
@@ -243,7 +247,7 @@ def our_config(path, saved):
     valid = isinstance(backbones, dict) and all(
         field in BACKBONES and isinstance(r, dict) and isinstance(r.get("fingerprint"), dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in r["fingerprint"].items())
-        and isinstance(r.get("revision", ""), str) for field, r in backbones.items())
+        and re.fullmatch("[0-9a-f]{40}", r.get("revision", "0" * 40)) for field, r in backbones.items())
     if not valid:
         raise UserError(f"{file}: backbones is not what checkpoints.save writes ({{\"vision_tower\": "
                         "{\"fingerprint\": {file: digest}, \"revision\": commit}, ...}); the file is damaged: save the "

@@ -194,6 +194,8 @@ CONFIG_DAMAGE = {  # name: (what config.json becomes, given its text, and the er
                         r"weight files but \(.*64.*\) torch.float32 in the model its config.json describes"),
     "a field missing": ({"vision_tower": None}, "config.json lacks vision_tower, which checkpoints.save writes"),
     "backbones damaged": ({"backbones": {"vision_tower": "abc"}}, "config.json: backbones is not what"),
+    "a revision escaping": ({"backbones": {"vision_tower": {"fingerprint": {}, "revision": "../../x"}}},
+                            "config.json: backbones is not what"),
     "another model's config": (lambda text: json.dumps({"model_type": "llama", "hidden_size": 8}),
                                r"config.json is a 'llama' model's config, in none of the layouts this project reads: "
                                r"ours \(checkpoints.save.*the original LLaVA's .*transformers' Llava"),
@@ -343,6 +345,12 @@ def test_a_projector_of_another_type_or_width_is_refused_saying_which(tmp_path):
                                         r"linear_2 48→48\); this model's is linear_1 32→64, linear_2 64→64: pass "
                                         r"the --vision-tower and --llm"):
         checkpoints.projector_weights(stage1, expected=Projector("mlp2x_gelu", 32, 64))
+    odd = {"multi_modal_projector.linear_1.weight": torch.zeros(48, 32), "multi_modal_projector.linear_3.weight":
+           torch.zeros(48, 48)}
+    save_file(odd, tmp_path / "odd.safetensors")
+    with pytest.raises(UserError, match=r"odd.safetensors holds projector weights of no type this project builds "
+                                        r"\(linear_1.weight, linear_3.weight\)"):
+        checkpoints.projector_weights(str(tmp_path / "odd.safetensors"), expected=model.multi_modal_projector)
 
 
 def test_train_names_the_flags_of_a_projector_mismatch(tmp_path, backbones):
