@@ -7,37 +7,62 @@
 The layouts, recognised from config.json (docs/llava.md section 7):
 - ours: LlavaConfig's fields, the backbones' configs, and safetensors weights named as transformers' Llava names them
   (vision_tower.*, multi_modal_projector.linear_N.*, language_model.*). A module the directory does not hold (stage 1
-  writes only the projector) is loaded from the path its config names, as LLaVA reloads its vision tower.
+  writes only the projector) is loaded from the path its config names, as LLaVA reloads its vision tower: an absolute
+  path or a hub id (at the commit it had), with a fingerprint of its files that load checks, so that a checkpoint
+  finds exactly the backbone it was trained with or says it cannot.
 - the original LLaVA's (haotian-liu/LLaVA `llava/model/llava_arch.py`): `mm_*` config keys, the LLM's weights as
   `model.*` + `lm_head.*` in .bin shards, the projector as `model.mm_projector.{0,2}.*`; its stage-1 output is
   config.json + mm_projector.bin, whose LLM is the base model it was trained on (`model_base`).
 - transformers' LlavaForConditionalGeneration (the llava-hf repos), read by transformers itself.
 
-Nothing loaded from a file runs code: safetensors, or torch.load(weights_only=True) for .bin files. Every file is
-written to a temporary name and renamed, so a crash leaves the old file or the new one.
+Nothing loaded from a file runs code: safetensors, or torch.load(weights_only=True) for .bin files. A file that is
+cut, corrupt or inconsistent with the rest is a UserError naming it. Every file is written to a temporary name,
+flushed to disk and renamed, so a crash or a power cut leaves the old file or the new one.
 """
 
+import errno
+import hashlib
 import json
 import os
+import pickle
+import re
 from dataclasses import asdict, fields
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import LlavaConfig, LlavaModel, from_pretrained_complete, load_vision_tower, params_on_meta, \
-    quiet_transformers
+from data import UserError
+from model import LlavaConfig, LlavaModel, first_line, from_pretrained_complete, load_vision_tower, \
+    looks_like_hub_id, params_on_meta, quiet_transformers, reading, resolve
 
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
+BACKBONES = {"vision_tower": ("vision_tower", "vision tower"), "llm": ("language_model", "LLM")}  # field: module, name
+LAYOUTS = ("ours (checkpoints.save: projector_type, vision_config, text_config), the original LLaVA's (mm_vision_tower "
+           "and the other mm_* keys) and transformers' Llava (model_type \"llava\", the llava-hf repos)")
 
 
 def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**30):
     """config.json + model.safetensors (or shards + model.safetensors.index.json, above max_shard_bytes).
 
     `modules` chooses what is written: stage 1 writes only the projector, and load() then takes the backbones from
-    config.vision_tower and config.llm. `state_dict` defaults to the model's own (a sharded training run passes the
-    full one it gathered on rank 0).
+    config.vision_tower and config.llm, recorded by reference(). `state_dict` defaults to the model's own (a sharded
+    training run passes the full one it gathered on rank 0).
+
+    Saving over an earlier checkpoint is safe across its files: the old config.json goes first and the new one is
+    written last, so a save cut short leaves a directory load() refuses (it has no config.json), never new weights
+    read with an old config or through an old shard index.
     """
-    os.makedirs(path, exist_ok=True)
+    path = os.fspath(path)
+    config = {**asdict(model.config), "vision_config": model.vision_tower.config.to_dict(),
+              "text_config": model.language_model.config.to_dict()}
+    backbones = {}
+    for field, (module, _) in BACKBONES.items():
+        if module not in modules:
+            config[field], backbones[field] = reference(config[field])
+        elif os.path.isdir(config[field]):  # held, but its path still says where it came from (the LLM: the tokenizer)
+            config[field] = os.path.abspath(config[field])
+    if backbones:
+        config["backbones"] = backbones
     state, seen = {}, set()
     for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         key = (tensor.data_ptr(), tensor.shape)
@@ -54,51 +79,70 @@ def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**3
         size += nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    os.makedirs(path, exist_ok=True)
+    remove(os.path.join(path, "config.json"))
     for name, shard in zip(names, shards):
         atomic_write(os.path.join(path, name), lambda tmp, shard=shard: save_file(shard, tmp, {"format": "pt"}))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
-    stale = [f for f in os.listdir(path) if f.startswith("model") and f.endswith(".safetensors") and f not in names]
+    index = os.path.join(path, "model.safetensors.index.json")
     if len(shards) > 1:
-        atomic_write(os.path.join(path, "model.safetensors.index.json"), lambda tmp: write_json(tmp, index))
+        atomic_write(index, lambda tmp: write_json(tmp, {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}))
     else:
-        stale.append("model.safetensors.index.json")
-    config = {**asdict(model.config), "vision_config": model.vision_tower.config.to_dict(),
-              "text_config": model.language_model.config.to_dict()}
+        remove(index)  # before config.json: an old index would be read instead of the new model.safetensors
     atomic_write(os.path.join(path, "config.json"), lambda tmp: write_json(tmp, config))
-    for f in stale:  # files of an earlier save into the same directory
-        if os.path.exists(os.path.join(path, f)):
-            os.remove(os.path.join(path, f))
+    for f in os.listdir(path):  # shards of an earlier save into this directory; files a killed save left half-written
+        stale_shard = f.startswith("model") and f.endswith(".safetensors") and f not in names
+        if stale_shard or (f.startswith(("model", "config.json")) and ".tmp" in f):
+            remove(os.path.join(path, f))
 
 
 def load(path, dtype=None, model_base=None):
     """A LlavaModel from a directory or hub id in any of the layouts above; dtype None keeps the saved dtypes."""
     path = resolve(path)
-    with open(os.path.join(path, "config.json")) as f:
-        saved = json.load(f)
+    saved = read_config(path)
     with quiet_transformers():
         if "mm_vision_tower" in saved:
             model = from_original_llava(path, saved, model_base)
         elif saved.get("model_type") == "llava":
             model = from_llava_hf(path)
-        else:
+        elif {"projector_type", "vision_config", "text_config"} & saved.keys():
             model = from_our_layout(path, saved)
+        else:
+            kind = f"a {saved['model_type']!r} model's config" if isinstance(saved.get("model_type"), str) else \
+                "a config"
+            raise UserError(f"{path}/config.json is {kind}, in none of the layouts this project reads: {LAYOUTS}; "
+                            "pass a LLaVA checkpoint")
     model.vision_tower.requires_grad_(False)
     return model.to(dtype) if dtype is not None else model
 
 
-def projector_weights(path):
+def read_config(path):
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise UserError(f"{path} holds no config.json, so it is no checkpoint in a layout this project reads "
+                        f"({LAYOUTS}); pass a checkpoint directory (a save cut short leaves none: save it again)")
+    return read_json(file)
+
+
+def projector_weights(path, expected=None):
     """The projector's weights (our names) from any checkpoint that has one: ours, the original LLaVA's (a full
     model, or stage 1's mm_projector.bin: the file, its directory, or a hub repo holding it, as
-    liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 does), or llava-hf's."""
-    if not os.path.exists(path):
+    liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 does), or llava-hf's. `expected` is the Projector they
+    are for: weights of another projector type or width are refused, saying which each is. Every error's message
+    starts with `path` (train.py names the flag before it)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
         path = resolve(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "mm_projector.bin")):
         path = os.path.join(path, "mm_projector.bin")
-    state = read_weights(path) if os.path.isdir(path) else load_pickled_tensors(path)
+    state = read_weights(path) if os.path.isdir(path) else read_file(path)
     out = {name: v for k, v in state.items() if (name := projector_name(k))}
     if not out:
-        raise ValueError(f"{path} holds no projector weights (multi_modal_projector.* or LLaVA's mm_projector.*)")
+        raise UserError(f"{path} holds no projector weights (multi_modal_projector.* or LLaVA's mm_projector.*); "
+                        "pass a stage-1 output or a LLaVA checkpoint")
+    if expected is not None:
+        check_projector(out, expected, path)
     return out
 
 
@@ -112,8 +156,41 @@ def projector_name(key):
         return key.split("multi_modal_projector.", 1)[1]
     if "mm_projector." in key:
         index, _, param = key.split("mm_projector.", 1)[1].rpartition(".")
+        if index and not index.isdigit():
+            return None
         return f"linear_{int(index) // 2 + 1 if index else 1}.{param}"
     return None
+
+
+def check_projector(weights, projector, source):
+    """Projector weights must be of the projector's type and widths: loaded into another, they fail as a raw
+    "Unexpected key(s)" or size mismatch, or (a linear layer of the right shape in an MLP) silently train wrong."""
+    have = {name: tuple(v.shape) for name, v in weights.items()}
+    want = {name: tuple(p.shape) for name, p in projector.named_parameters()}
+    if have == want:
+        return
+    found, built = projector_type_of(have), projector_type_of(want)
+    if found is None:
+        raise UserError(f"{source} holds projector weights of no type this project builds ({', '.join(sorted(have))}); "
+                        "pass a checkpoint of a linear or mlpNx_gelu projector")
+    if found != built:
+        raise UserError(f"{source} holds a {found} projector ({layers_of(have)}); this model's projector type is "
+                        f"{built} ({layers_of(want)}): pass --projector-type {found}")
+    raise UserError(f"{source} holds a projector for another vision tower or LLM ({layers_of(have)}); this model's is "
+                    f"{layers_of(want)}: pass the --vision-tower and --llm it was trained with, or another checkpoint")
+
+
+def projector_type_of(shapes):
+    n = sum(name.endswith(".weight") for name in shapes)
+    if not n or set(shapes) != {f"linear_{i}.{p}" for i in range(1, n + 1) for p in ("weight", "bias")}:
+        return None
+    return "linear" if n == 1 else f"mlp{n}x_gelu"
+
+
+def layers_of(shapes):
+    """'linear_1 1024→4096, linear_2 4096→4096' (in→out, from the weights' (out, in) shapes)."""
+    return ", ".join(f"{name.removesuffix('.weight')} {s[1]}→{s[0]}" if len(s) == 2 else f"{name} {list(s)}"
+                     for name, s in sorted(shapes.items()) if not name.endswith(".bias"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -123,28 +200,59 @@ def projector_name(key):
 def from_our_layout(path, saved):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    config = LlavaConfig(**{f.name: saved[f.name] for f in fields(LlavaConfig) if f.name in saved})
+    config, backbones = our_config(path, saved)
     state = read_weights(path)
     present = {name.split(".", 1)[0] for name in state}
     if "multi_modal_projector" not in present:
-        raise ValueError(f"{path} holds no projector weights (multi_modal_projector.*); is it a LLaVA checkpoint "
-                         "written by checkpoints.save?")
+        raise UserError(f"{path} holds no projector weights (multi_modal_projector.*); is it a LLaVA checkpoint "
+                        "written by checkpoints.save?")
 
     def sub_config(key):
         d = dict(saved[key])
-        return AutoConfig.for_model(d.pop("model_type"), **d)
+        with reading(path, "checkpoint"):
+            return AutoConfig.for_model(d.pop("model_type"), **d)
 
     if "vision_tower" in present:
-        with params_on_meta():
+        with params_on_meta(), reading(path, "checkpoint"):
             tower = AutoModel.from_config(sub_config("vision_config"))
     else:
-        tower = load_vision_tower(config.vision_tower)
+        tower = load_vision_tower(find_backbone(path, "vision_tower", config.vision_tower,
+                                                backbones.get("vision_tower")))
     if "language_model" in present:
-        with params_on_meta():
+        with params_on_meta(), reading(path, "checkpoint"):
             llm = AutoModelForCausalLM.from_config(sub_config("text_config"))
     else:
-        llm = from_pretrained_complete(AutoModelForCausalLM, config.llm)
-    return assign_weights(LlavaModel(config, tower, llm), state, path)
+        llm = from_pretrained_complete(AutoModelForCausalLM, find_backbone(path, "llm", config.llm,
+                                                                           backbones.get("llm")))
+    return assign_weights(llava_model(path, config, tower, llm), state, path)
+
+
+def our_config(path, saved):
+    """The LlavaConfig and the backbone records of our config.json, every value checked: a field missing (which
+    would take a default: another tower, another template) or of the wrong type is a UserError naming the file."""
+    file = os.path.join(path, "config.json")
+    lacking = [k for k in [f.name for f in fields(LlavaConfig)] + ["vision_config", "text_config"] if k not in saved]
+    if lacking:
+        raise UserError(f"{file} lacks {', '.join(lacking)}, which checkpoints.save writes: the file is damaged or not "
+                        "ours; save the checkpoint again")
+    try:
+        config = LlavaConfig(**{f.name: saved[f.name] for f in fields(LlavaConfig)})
+    except UserError as e:
+        raise UserError(f"{file}: {e}") from None
+    for key in ("vision_config", "text_config"):
+        if not (isinstance(saved[key], dict) and isinstance(saved[key].get("model_type"), str)):
+            raise UserError(f"{file}: {key} is not a model config (an object with a model_type); the file is damaged: "
+                            "save the checkpoint again")
+    backbones = saved.get("backbones", {})
+    valid = isinstance(backbones, dict) and all(
+        field in BACKBONES and isinstance(r, dict) and isinstance(r.get("fingerprint"), dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in r["fingerprint"].items())
+        and re.fullmatch("[0-9a-f]{40}", r.get("revision", "0" * 40)) for field, r in backbones.items())
+    if not valid:
+        raise UserError(f"{file}: backbones is not what checkpoints.save writes ({{\"vision_tower\": "
+                        "{\"fingerprint\": {file: digest}, \"revision\": commit}, ...}); the file is damaged: save the "
+                        "checkpoint again")
+    return config, backbones
 
 
 def from_original_llava(path, saved, model_base):
@@ -157,22 +265,27 @@ def from_original_llava(path, saved, model_base):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     aspect = saved.get("image_aspect_ratio", "square")
-    config = LlavaConfig(vision_tower=saved["mm_vision_tower"], llm=model_base or path,
-                         projector_type=saved.get("mm_projector_type", "linear"),
-                         vision_feature_layer=saved.get("mm_vision_select_layer", -1),
-                         vision_feature_select=saved.get("mm_vision_select_feature", "patch"), template="vicuna_v1",
-                         image_aspect_ratio="pad" if aspect == "pad" else "crop",
-                         max_length=saved.get("tokenizer_model_max_length") or 2048)
-    tower = load_vision_tower(config.vision_tower)
+    try:
+        config = LlavaConfig(vision_tower=saved["mm_vision_tower"], llm=model_base or path,
+                             projector_type=saved.get("mm_projector_type", "linear"),
+                             vision_feature_layer=saved.get("mm_vision_select_layer", -1),
+                             vision_feature_select=saved.get("mm_vision_select_feature", "patch"),
+                             template="vicuna_v1", image_aspect_ratio="pad" if aspect == "pad" else "crop",
+                             max_length=saved.get("tokenizer_model_max_length") or 2048)
+    except UserError as e:
+        raise UserError(f"{path}/config.json (the original LLaVA's mm_* keys): {e}") from None
+    tower = load_vision_tower(find_backbone(path, "mm_vision_tower", config.vision_tower))
     if model_base is not None or not has_weights(path):
         if model_base is None:
-            raise ValueError(f"{path} holds no LLM weights (pytorch_model*.bin or model*.safetensors), as LLaVA's "
-                             "stage-1 output (config.json + mm_projector.bin) does not: pass the base LLM as model_base")
-        model = LlavaModel(config, tower, from_pretrained_complete(AutoModelForCausalLM, model_base))
-        model.multi_modal_projector.load_state_dict(projector_weights(os.path.join(path, "mm_projector.bin")))
+            raise UserError(f"{path} holds no LLM weights (pytorch_model*.bin or model*.safetensors), as LLaVA's "
+                            "stage-1 output (config.json + mm_projector.bin) does not: pass the base LLM as model_base "
+                            "(--model-base)")
+        model = llava_model(path, config, tower, from_pretrained_complete(AutoModelForCausalLM, model_base))
+        model.multi_modal_projector.load_state_dict(projector_weights(os.path.join(path, "mm_projector.bin"),
+                                                                      expected=model.multi_modal_projector))
         return model
     text = {k: v for k, v in saved.items() if not k.startswith("mm_") and k not in ("architectures", "model_type")}
-    with params_on_meta():
+    with params_on_meta(), reading(path, "checkpoint"):
         llm = AutoModelForCausalLM.from_config(LlamaConfig(**text))
     state = {}
     for name, tensor in read_weights(path).items():
@@ -180,14 +293,15 @@ def from_original_llava(path, saved, model_base):
             state[f"multi_modal_projector.{ours}"] = tensor
         elif not name.startswith("model.vision_tower.") and not name.endswith("rotary_emb.inv_freq"):
             state[f"language_model.{name}"] = tensor  # (inv_freq: saved by older transformers, now computed)
-    return assign_weights(LlavaModel(config, tower, llm), state, path)
+    return assign_weights(llava_model(path, config, tower, llm), state, path)
 
 
 def from_llava_hf(path):
     """transformers' LlavaForConditionalGeneration (llava-hf), read by transformers itself (every on-disk layout)."""
     from transformers import LlavaForConditionalGeneration
 
-    return from_transformers_llava(from_pretrained_complete(LlavaForConditionalGeneration, path), path)
+    return from_transformers_llava(from_pretrained_complete(LlavaForConditionalGeneration, path, what="checkpoint"),
+                                   path)
 
 
 def from_transformers_llava(hf, source=""):
@@ -196,70 +310,141 @@ def from_transformers_llava(hf, source=""):
     from transformers import AutoModelForCausalLM
 
     c = hf.config
-    if not isinstance(c.vision_feature_layer, int) or c.projector_hidden_act != "gelu":
-        raise ValueError(f"{source}: only a single vision_feature_layer and a GELU projector map onto LLaVA-1.5")
-    config = LlavaConfig(vision_tower=source, llm=source, projector_type="mlp2x_gelu",
-                         vision_feature_layer=c.vision_feature_layer, template="vicuna_v1",
-                         vision_feature_select={"default": "patch", "full": "cls_patch"}[c.vision_feature_select_strategy])
+    select = {"default": "patch", "full": "cls_patch"}.get(c.vision_feature_select_strategy)
+    if not isinstance(c.vision_feature_layer, int) or c.projector_hidden_act != "gelu" or select is None:
+        raise UserError(f"{source}: only a single vision_feature_layer, a GELU projector and the default or full "
+                        "vision_feature_select_strategy map onto LLaVA-1.5; this checkpoint is another model")
+    config = LlavaConfig(vision_tower=source, llm=source, projector_type="mlp2x_gelu", template="vicuna_v1",
+                         vision_feature_layer=c.vision_feature_layer, vision_feature_select=select)
     with params_on_meta():
         llm = AutoModelForCausalLM.from_config(c.text_config)
     setattr(llm, llm.base_model_prefix, hf.model.language_model)
     llm.lm_head = hf.lm_head
-    model = LlavaModel(config, hf.model.vision_tower, llm)
+    model = llava_model(source, config, hf.model.vision_tower, llm)
     model.multi_modal_projector = hf.model.multi_modal_projector
     return model
 
 
+def llava_model(path, config, tower, llm):
+    """LlavaModel(...), whose checks of the config against the backbones (a vision_feature_layer the tower does not
+    have, cls_patch without a CLS token) name the checkpoint's config.json."""
+    try:
+        return LlavaModel(config, tower, llm)
+    except UserError as e:
+        raise UserError(f"{os.path.join(path, 'config.json')}: {e}") from None
+
+
 def assign_weights(model, state, path):
-    """Load `state` into a model whose missing parameters sit on the meta device; every one must be filled."""
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    """Load `state` into a model whose missing parameters sit on the meta device; every one must be filled, each by a
+    tensor of its shape (load_state_dict would raise a RuntimeError listing them all, or, with assign=True, take a
+    float's place with an integer tensor)."""
+    expected = model.state_dict()
+    unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise ValueError(f"{path}: weights the model does not have: {unexpected[:5]}...")
+        raise UserError(f"{path}: the weight files hold tensors the model its config.json describes does not have "
+                        f"({', '.join(unexpected[:3])}; {len(unexpected)} in all): the weights and config.json are "
+                        "not of one checkpoint; save or fetch it again")
+    wrong = [k for k, v in state.items() if v.shape != expected[k].shape or
+             v.dtype.is_floating_point != expected[k].dtype.is_floating_point]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{path}: tensor {k} is {tuple(state[k].shape)} {state[k].dtype} in the weight files but "
+                        f"{tuple(expected[k].shape)} {expected[k].dtype} in the model its config.json describes "
+                        f"({len(wrong)} tensors differ): the weights and config.json are not of one checkpoint; save "
+                        "or fetch it again")
+    model.load_state_dict(state, strict=False, assign=True)
     if model.language_model.config.get_text_config().tie_word_embeddings:
         model.language_model.tie_weights()
     still_empty = [n for n, p in model.named_parameters() if p.is_meta]
     if still_empty:
-        raise ValueError(f"{path}: weights missing for {still_empty[:5]} ({len(still_empty)} in all)")
+        raise UserError(f"{path}: weights missing for {', '.join(still_empty[:5])} ({len(still_empty)} in all): the "
+                        "checkpoint is incomplete; save or fetch it again")
     return model
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Files: the hub, weight files, atomic writes
+# The backbones a checkpoint references: recorded by save, found and checked by load
 
-# What a LLaVA checkpoint needs from a hub repo: configs, the tokenizer (tokenizer.json, or SentencePiece's
-# tokenizer.model as Vicuna and liuhaotian/llava-v1.5-* ship it), stage 1's mm_projector.bin, and the weights in one
-# format. Never training_args.bin or optimizer states (pickles), nor a second copy of the weights.
-HUB_FILES = ["*.json", "*.jinja", "*.model", "*.txt", "mm_projector.bin"]
-HUB_WEIGHTS = ["*.safetensors", "pytorch_model*.bin"]  # in order of preference
+FINGERPRINT_BLOCK = 2**16
 
 
-def resolve(path):
-    """A local directory as is; anything else is a hub repo id, fetched into (or found in) huggingface_hub's cache.
-    Without a reachable hub (HF_HUB_OFFLINE=1, no network, the hub down) the cached snapshot is used, holding the
-    weights an earlier download put in it."""
+def reference(path):
+    """How save() names a backbone it does not write: a local directory by its absolute path (a relative one would be
+    relative to wherever training ran, unknown later), a hub id as it is, with the commit of its snapshot; and a
+    record of what identifies its files (fingerprint), which load() checks."""
+    local = resolve(path)
+    record = {"fingerprint": fingerprint(local)}
     if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"{path} is not a checkpoint directory (nor a hub repo id, owner/name)")
-    from fnmatch import filter as matching
+        return os.path.abspath(path), record
+    if os.path.basename(os.path.dirname(local)) == "snapshots":  # huggingface_hub's cache: snapshots/<commit>
+        record["revision"] = os.path.basename(local)
+    return path, record
 
-    from huggingface_hub import model_info, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    try:  # the repo's file list, in one request (list_repo_files retries an unreachable hub for half a minute)
-        files = [f.rfilename for f in model_info(path).siblings or []]
-    except GatedRepoError:  # (a kind of RepositoryNotFoundError)
-        raise
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"{path}: no such directory here, and no hub repo of that name") from e
-    except Exception as unreachable:  # the client's transport errors differ between huggingface_hub versions
-        try:
-            return snapshot_download(path, allow_patterns=HUB_FILES, local_files_only=True)
-        except LocalEntryNotFoundError:
-            raise unreachable from None
-    weights = [w for w in HUB_WEIGHTS if matching(files, w)][:1]
-    return snapshot_download(path, allow_patterns=HUB_FILES + weights)
+def find_backbone(checkpoint, field, where, record=None):
+    """The directory of the backbone a checkpoint names in config.json's `field`, which must be the one it was
+    trained with: a hub id at the commit save() recorded, and files whose fingerprint is the recorded one. A path that
+    is not there, or whose files differ, is a UserError saying so; checkpoints saved before fingerprints were
+    recorded (record None) load from whatever is there."""
+    what = BACKBONES[field][1] if field in BACKBONES else "vision tower"
+    config = os.path.join(checkpoint, "config.json")
+    relative = (f"a relative path in a checkpoint saved before backbone paths were stored absolute is relative to the "
+                f"directory its training ran in: run from there, or write the {what}'s absolute path into {config} "
+                f"(\"{field}\")")
+    if not os.path.isdir(where) and not looks_like_hub_id(where):
+        if os.path.isabs(where):
+            raise UserError(f"checkpoint {checkpoint} was trained with the {what} at {where}, which is not there now: "
+                            f"restore it, or write where it is now into {config} (\"{field}\")")
+        raise UserError(f"checkpoint {checkpoint} names its {what} by the relative path {where}, which is not a "
+                        f"directory from here ({os.getcwd()}); {relative}")
+    try:
+        found = resolve(where, revision=record.get("revision") if record else None)
+    except UserError as e:
+        hint = f"; if it is a path: {relative}" if record is None and not os.path.isdir(where) else ""
+        raise UserError(f"checkpoint {checkpoint}, its {what} (\"{field}\" in config.json): {e}{hint}") from None
+    if record is not None:
+        now = fingerprint(found)
+        if now != record["fingerprint"]:
+            then = record["fingerprint"]
+            changes = [f"{f} differs" for f in sorted(then.keys() & now.keys()) if then[f] != now[f]]
+            changes += [f"{f} is gone" for f in sorted(then.keys() - now.keys())]
+            changes += [f"{f} is new" for f in sorted(now.keys() - then.keys())]
+            raise UserError(f"checkpoint {checkpoint} was trained with the {what} at {where} (fingerprint "
+                            f"{digest(then)}); the files there now differ ({', '.join(changes)}; fingerprint "
+                            f"{digest(now)}): restore the {what} it was trained with, or point \"{field}\" in {config} "
+                            "at a copy of it")
+    return found
 
+
+def fingerprint(directory):
+    """What identifies a backbone's files, cheaply even for a 13B model: for config.json and each weight file that
+    transformers loads (weight_files), a sha256 over its size and content, where a weight file's content is sampled:
+    four 64 KiB blocks at fixed places (start, thirds, end). A tower rebuilt with another seed (the same shapes, so the
+    same sizes and safetensors header) differs in the sampled weights. {file name: digest}."""
+    out = {}
+    for name in ["config.json", *weight_files(directory)]:
+        file = os.path.join(directory, name)
+        if not os.path.isfile(file):
+            continue
+        size = os.path.getsize(file)
+        h = hashlib.sha256(str(size).encode())
+        with open(file, "rb") as f:
+            if name.endswith(".json"):
+                h.update(f.read())
+            for offset in [] if name.endswith(".json") else sorted({0, size // 3, 2 * size // 3,
+                                                                     max(size - FINGERPRINT_BLOCK, 0)}):
+                f.seek(offset)
+                h.update(f.read(FINGERPRINT_BLOCK))
+        out[name] = h.hexdigest()[:16]
+    return out
+
+
+def digest(fingerprint):
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files: weight files, JSON, atomic writes
 
 WEIGHT_FILES = (("model.safetensors.index.json", "model.safetensors"),
                 ("pytorch_model.bin.index.json", "pytorch_model.bin"))
@@ -269,34 +454,92 @@ def has_weights(path):
     return any(os.path.exists(os.path.join(path, f)) for pair in WEIGHT_FILES for f in pair)
 
 
-def read_weights(path):
-    """Every tensor of a checkpoint directory: safetensors, or .bin read with weights_only=True; sharded or not."""
+def weight_files(path):
+    """The weight files of a directory, as transformers picks them (safetensors before .bin, an index before a single
+    file), index first; [] if there are none. An index that is damaged or names a shard that is not there (an
+    incomplete download or copy) is a UserError naming both."""
     for index, single in WEIGHT_FILES:
         if os.path.exists(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            break
+            saved = read_json(os.path.join(path, index))
+            weight_map = saved.get("weight_map")
+            if not (isinstance(weight_map, dict) and weight_map and all(
+                    isinstance(f, str) and f == os.path.basename(f) and f.endswith(single.rsplit(".", 1)[1])
+                    for f in weight_map.values())):
+                raise UserError(f"{os.path.join(path, index)}: its weight_map is not a map of tensor names to shard "
+                                "files in this directory; the file is damaged: fetch or save the checkpoint again")
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+            if missing:
+                raise UserError(f"{os.path.join(path, index)} names {missing[0]}, which is not in {path} "
+                                f"({len(missing)} of {len(files)} shards missing): the download or copy is incomplete; "
+                                "fetch them again")
+            return [index, *files]
         if os.path.exists(os.path.join(path, single)):
-            files = [single]
-            break
-    else:
-        raise FileNotFoundError(f"{path} has no model.safetensors, pytorch_model.bin or their sharded index")
+            return [single]
+    return []
+
+
+def read_weights(path):
+    """Every tensor of a checkpoint directory: safetensors, or .bin read with weights_only=True; sharded or not."""
+    files = [f for f in weight_files(path) if not f.endswith(".index.json")]
+    if not files:
+        raise UserError(f"{path} has no model.safetensors, pytorch_model.bin or their sharded index: its weights are "
+                        "missing (an interrupted download or save?); fetch or save them again")
     state = {}
     for f in files:
-        state.update(load_file(os.path.join(path, f)) if f.endswith(".safetensors") else
-                     load_pickled_tensors(os.path.join(path, f)))
+        state.update(read_file(os.path.join(path, f)))
     return state
+
+
+def read_file(file):
+    """The tensors of one weight file (safetensors, or a torch.save .bin); one cut short or corrupt (safetensors'
+    HeaderTooLarge, torch's zip errors) is a UserError naming it."""
+    if not file.endswith(".safetensors"):
+        return load_pickled_tensors(file)
+    try:
+        return load_file(file)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise UserError(f"{file}: not a readable safetensors file ({first_line(e)}): it is cut short or damaged; fetch "
+                        "or save it again") from None
 
 
 def load_pickled_tensors(path):
     """A torch.save file of tensors. weights_only=True: a pickle that carries anything else is refused, never run."""
-    import pickle
-
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"refusing to load {path}: it holds pickled objects other than tensors, and loading it would "
-                         f"run code; convert it to safetensors from a trusted source ({str(e).splitlines()[0]})") from None
+        reason = [line for line in str(e).splitlines() if "GLOBAL" in line]
+        if reason:
+            raise UserError(f"refusing to load {path}: it holds pickled objects other than tensors, and loading it "
+                            f"would run code; convert it to safetensors from a trusted source ({reason[0]})") from None
+        raise UserError(f"{path}: not a PyTorch weights file (torch.save's zip), or cut short (a pickle that is no "
+                        "torch.save of tensors); fetch it again") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # torch.load meets a cut or foreign file with many kinds of error (OSError, KeyError, ...)
+        raise UserError(f"{path}: not a PyTorch weights file (torch.save's zip), or cut short ({type(e).__name__}: "
+                        f"{first_line(e)}); fetch it again") from None
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in
+                                            state.items())):
+        raise UserError(f"{path} holds a {type(state).__name__} rather than named tensors: it is no weights file; "
+                        "pass a checkpoint's weights")
+    return state
+
+
+def read_json(file):
+    """A JSON object from a checkpoint's file; one that is cut, not JSON or not an object is a UserError naming it."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (ValueError, OSError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise UserError(f"{file}: not readable JSON ({first_line(e)}): the file is cut short or damaged; fetch or save "
+                        "it again") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{file}: a JSON {type(obj).__name__}, not an object: the file is damaged or of another kind; "
+                        "fetch or save it again")
+    return obj
 
 
 def write_json(path, obj):
@@ -305,11 +548,35 @@ def write_json(path, obj):
 
 
 def atomic_write(path, write):
-    """write(tmp_path), then rename over path: a crash leaves the old file or the new one, never half of one."""
+    """write(tmp_path), then rename over path, durably: the temporary file is flushed to disk before the rename and
+    the directory after it (POSIX makes a rename survive a power cut only then), so a crash leaves the old file or the
+    new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    fsync(os.path.dirname(os.path.abspath(path)))
+
+
+def remove(path):
+    """Remove a file, if it is there, durably (its directory flushed), before what follows is written."""
+    if os.path.exists(path):
+        os.remove(path)
+        fsync(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync(path):
+    """Flush a file, or a directory's entries, to disk. A filesystem that cannot sync a directory (some FUSE and
+    network mounts say EINVAL) keeps the rename without the guarantee, as before."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (os.path.isdir(path) and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS)):
+            raise
+    finally:
+        os.close(fd)

@@ -23,14 +23,14 @@ import os
 import re
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, UserError
 
 # Loading a hub repo that ships only .bin weights (Vicuna v1.5, LLaVA-1.5) makes transformers start a background
 # thread that asks the hub to convert it and downloads the safetensors copy: another 13-26 GB, while the other ranks
@@ -50,6 +50,26 @@ class LlavaConfig:
     image_aspect_ratio: str = "pad"
     max_length: int = 2048
 
+    def __post_init__(self):
+        """The one check of a model's settings, wherever they come from (flags, a checkpoint's config.json, code): a
+        wrong type or value is a UserError naming the field here, not a TypeError deep in the forward pass or a
+        model that silently reads the wrong hidden layer. A checkpoint's loader adds which file it came from."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, f.type):
+                raise UserError(f"{f.name} {value!r}: not {'an integer' if f.type is int else 'a string'}; "
+                                f"use e.g. {f.default!r}")
+        choices = {"vision_feature_select": ("patch", "cls_patch"), "template": TEMPLATES,
+                   "image_aspect_ratio": ("pad", "crop")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} {getattr(self, name)!r}: not one of {', '.join(allowed)}")
+        projector_depth(self.projector_type)
+        if self.max_length < 1:
+            raise UserError(f"max_length {self.max_length}: must be at least 1")
+        if not (self.vision_tower and self.llm):
+            raise UserError("vision_tower and llm: a hub id or a local directory each, not an empty string")
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The projector
@@ -61,10 +81,7 @@ class Projector(nn.Module):
 
     def __init__(self, projector_type, vision_hidden, text_hidden):
         super().__init__()
-        mlp = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
-        if projector_type != "linear" and not (mlp and int(mlp.group(1)) >= 1):
-            raise ValueError(f"unknown projector type {projector_type!r}; use 'linear' or 'mlp2x_gelu' (mlpNx_gelu)")
-        depth = int(mlp.group(1)) if mlp else 1
+        depth = projector_depth(projector_type)
         self.linear_1 = nn.Linear(vision_hidden, text_hidden)
         for i in range(2, depth + 1):
             self.add_module(f"linear_{i}", nn.Linear(text_hidden, text_hidden))
@@ -75,6 +92,15 @@ class Projector(nn.Module):
         for layer in layers[1:]:
             x = layer(F.gelu(x))  # nn.GELU's default: the exact erf form, as in LLaVA
         return x
+
+
+def projector_depth(projector_type):
+    """The number of Linear layers of a projector type: 1 for linear, N for mlpNx_gelu."""
+    mlp = re.fullmatch(r"mlp(\d+)x_gelu", projector_type) if isinstance(projector_type, str) else None
+    if projector_type != "linear" and not (mlp and 1 <= int(mlp.group(1)) <= 64):
+        raise UserError(f"unknown projector type {projector_type!r}; use 'linear' or 'mlp2x_gelu' (mlpNx_gelu, N "
+                        "from 1 to 64)")
+    return int(mlp.group(1)) if mlp else 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -90,12 +116,14 @@ class LlavaModel(nn.Module):
                                                language_model.config.hidden_size)
         self.language_model = language_model
         self.vision_tower.requires_grad_(False)  # LLaVA never trains the tower; unfreezing it is the caller's choice
-        if config.vision_feature_select not in ("patch", "cls_patch"):
-            raise ValueError(f"vision_feature_select must be 'patch' or 'cls_patch', not {config.vision_feature_select!r}")
+        layers = getattr(vision_tower.config, "num_hidden_layers", None)  # hidden_states: embeddings, each layer's
+        if layers is not None and not -(layers + 1) <= config.vision_feature_layer <= layers:
+            raise UserError(f"vision_feature_layer {config.vision_feature_layer}: {config.vision_tower} has "
+                            f"{layers} layers, so hidden states {-(layers + 1)}..{layers}; LLaVA-1.5 uses -2")
         # CLIP-like towers put a CLS token before the patches; SigLIP-like ones have none.
         self.has_cls = any(n.endswith(("class_embedding", "cls_token")) for n, _ in vision_tower.named_parameters())
         if config.vision_feature_select == "cls_patch" and not self.has_cls:
-            raise ValueError(f"{config.vision_tower} has no CLS token; use vision_feature_select='patch'")
+            raise UserError(f"{config.vision_tower} has no CLS token; use vision_feature_select='patch'")
 
     @property
     def num_image_tokens(self):
@@ -175,11 +203,16 @@ class LlavaModel(nn.Module):
 
         with quiet_transformers():
             if empty:
-                vision_config = AutoConfig.from_pretrained(config.vision_tower)
-                vision_config = getattr(vision_config, "vision_config", vision_config)
+                vision, llm = resolve(config.vision_tower, weights=False), resolve(config.llm, weights=False)
+                with reading(vision, "vision tower"):
+                    vision_config = AutoConfig.from_pretrained(vision)
+                with reading(llm, "LLM"):
+                    text_config = AutoConfig.from_pretrained(llm)
                 with params_on_meta():
-                    return cls(config, AutoModel.from_config(vision_config, dtype=dtype),
-                               AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.llm), dtype=dtype))
+                    tower = AutoModel.from_config(vision_part(vision_config, vision), dtype=dtype)
+                    with reading(llm, "LLM"):  # (a config of another kind of model)
+                        language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+                    return cls(config, tower, language_model)
             model = cls(config, load_vision_tower(config.vision_tower, dtype),
                         from_pretrained_complete(AutoModelForCausalLM, config.llm, dtype=dtype))
         return model if dtype == "auto" else model.to(dtype)
@@ -197,20 +230,150 @@ def load_vision_tower(path, dtype="auto"):
     its vision half (transformers then reports the unused text tower's weights: quiet_transformers hides that)."""
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(path)
-    return from_pretrained_complete(AutoModel, path, config=getattr(config, "vision_config", config), dtype=dtype)
+    path = resolve(path)
+    with reading(path, "vision tower"):
+        config = AutoConfig.from_pretrained(path)
+    return from_pretrained_complete(AutoModel, path, config=vision_part(config, path), dtype=dtype,
+                                    what="vision tower")
 
 
-def from_pretrained_complete(model_class, path, **kwargs):
-    """model_class.from_pretrained(path), where a checkpoint lacking weights the model has is an error: transformers
-    only reports them (quiet_transformers hides the report) and fills them with random values, which a truncated
-    download or the wrong directory would then train on."""
-    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+def vision_part(config, path):
+    """The vision model's config in a vision tower's (a whole CLIP's has one); an LLM's, say, is a UserError."""
+    config = getattr(config, "vision_config", config)
+    if not all(hasattr(config, k) for k in ("image_size", "patch_size", "hidden_size")):
+        raise UserError(f"vision tower {path}: a {config.model_type} model, not a vision model (its config.json has "
+                        "no image_size and patch_size); pass a CLIP or SigLIP checkpoint")
+    return config
+
+
+def from_pretrained_complete(model_class, path, what="LLM", **kwargs):
+    """model_class.from_pretrained(path), where a checkpoint lacking weights the model has, or holding them in
+    another shape than its config.json gives, is an error: transformers only reports them (quiet_transformers hides
+    the report) and fills them with random values, which a truncated download or the wrong directory would then
+    train on. Files it cannot read are a UserError naming the directory (reading)."""
+    path = resolve(path)
+    with reading(path, what):
+        model, info = model_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  **kwargs)
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, saved, built = mismatched[0]
+        raise UserError(f"{what} {path}: tensor {name} has shape {tuple(saved)} in the weight files but "
+                        f"{tuple(built)} in the model its config.json describes ({len(mismatched)} tensors differ); "
+                        "the weights and config.json are not of one model: re-download it")
     missing = sorted(info["missing_keys"])
     if missing:
-        raise ValueError(f"{path} lacks the weights of {len(missing)} of its model's parameters ({missing[:5]}), which "
-                         "would start from random values; is the download complete, and is it the right directory?")
+        raise UserError(f"{what} {path} lacks the weights of {len(missing)} of its model's parameters ({missing[:5]}), "
+                        "which would start from random values; is the download complete, and is it the right "
+                        "directory?")
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Finding and reading what a user names: local directories, the hub, files that may be cut or corrupt
+
+# What a LLaVA checkpoint or a backbone needs from a hub repo: configs, the tokenizer (tokenizer.json, or
+# SentencePiece's tokenizer.model as Vicuna and liuhaotian/llava-v1.5-* ship it), stage 1's mm_projector.bin, and the
+# weights in one format. Never training_args.bin or optimizer states (pickles), nor a second copy of the weights.
+HUB_FILES = ["*.json", "*.jinja", "*.model", "*.txt", "mm_projector.bin"]
+HUB_WEIGHTS = ["*.safetensors", "pytorch_model*.bin"]  # in order of preference
+_snapshots = {}  # (repo id, revision, weights) -> the snapshot resolve() found, once per process
+
+
+def resolve(path, revision=None, weights=True):
+    """The local directory of a checkpoint, backbone or tokenizer a user names: every such path goes through here.
+
+    A local directory is returned as is; anything else must be a hub repo id (owner/name), fetched into (or found in)
+    huggingface_hub's cache, at `revision` (a commit) when given, with its weights unless weights=False. Without a
+    reachable hub (HF_HUB_OFFLINE=1, no network, the hub down) the cached snapshot is used. A path that is neither is
+    a UserError that says which, never transformers' "Repo id must be in the form ..." or a wait for the network.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"{path!r}: not a path or a hub repo id")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise UserError(f"{path} is a file, not a directory: pass the directory that holds it")
+    if not looks_like_hub_id(path):
+        raise UserError(f"{path or repr(path)} is not a directory here, and not a hub repo id (owner/name); check the "
+                        f"path (a relative one is relative to {os.getcwd()})")
+    key = (path, revision, weights)
+    if key not in _snapshots:
+        _snapshots[key] = download(path, revision, weights)
+    return _snapshots[key]
+
+
+def looks_like_hub_id(path):
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return path.count("/") == 1 and not path.startswith((".", "~"))
+
+
+def download(repo, revision, weights):
+    """resolve() for a hub repo id: its snapshot directory in the cache, downloaded if the hub can be reached."""
+    from fnmatch import filter as matching
+
+    from huggingface_hub import model_info, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError, \
+        RevisionNotFoundError
+
+    at = f" at revision {revision}" if revision else ""
+    try:  # the repo's file list, in one request (list_repo_files retries an unreachable hub for half a minute)
+        files = [f.rfilename for f in model_info(repo, revision=revision).siblings or []]
+    except GatedRepoError:  # (a kind of RepositoryNotFoundError)
+        raise UserError(f"{repo}: a gated hub repo; accept its terms on its hub page and log in (hf auth login), or "
+                        "pass a local directory") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo} is not a directory here, and no hub repo of that name exists (or it is private: log "
+                        "in with hf auth login); check the name or the path") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{repo}: the hub repo has no revision {revision}, which a checkpoint names; restore it or "
+                        "pass a local copy of what it was") from None
+    except Exception as unreachable:  # the client's transport errors differ between huggingface_hub versions
+        try:
+            return snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, local_files_only=True)
+        except Exception as e:  # not cached, or known to be incomplete (IncompleteSnapshotError)
+            cached = "incomplete in" if "incomplete" in str(e) else "not in"
+            why = ("HF_HUB_OFFLINE=1" if isinstance(unreachable, OfflineModeIsEnabled) else
+                   f"no network, or the hub is down: {first_line(unreachable)}")
+            raise UserError(f"{repo} is not a directory here, and as a hub repo id it is {cached} the local hub "
+                            f"cache{at} and the hub cannot be reached ({why}); download it first (hf download "
+                            f"{repo}), or pass a local directory") from None
+    chosen = [w for w in HUB_WEIGHTS if matching(files, w)][:1] if weights else []
+    try:
+        return snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES + chosen)
+    except Exception as e:
+        raise UserError(f"{repo}: downloading from the hub failed ({type(e).__name__}: {first_line(e)}); run again "
+                        "(a download resumes), or pass a local directory") from e
+
+
+@contextmanager
+def reading(path, what):
+    """Reading `what` (a checkpoint, a vision tower, an LLM, a tokenizer) from `path` with a library: its errors for
+    files that are cut, corrupt, of another model or version (json, safetensors, torch.load, tokenizers, transformers'
+    configs raise dozens of kinds, some naming no file) become one UserError naming the directory, with the library's
+    own message. Our own UserErrors pass as they are."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        raise UserError(f"{what} {path}: its files cannot be read ({type(e).__name__}: {first_line(e)}); is it "
+                        "complete (an interrupted download or copy?) and the right directory? Fetch or save it again"
+                        ) from e
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else repr(error)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

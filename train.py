@@ -470,11 +470,17 @@ def build_model(cfg, device):
 
     So only rank 0 ever holds a full copy (in CPU memory, in the backbones' saved dtype), and only once.
     """
+    from data import UserError
+
     model = empty_sharded_model(cfg)
     materialize(model, device)
-    full = {}
+    full, projector = {}, {}
     if dist.get_rank() == 0:
-        projector = checkpoints.projector_weights(cfg.init_from) if cfg.init_from else {}  # first: a bad path fails in seconds
+        try:  # first: a bad path, or a projector of another type or width, fails in seconds
+            if cfg.init_from:
+                projector = checkpoints.projector_weights(cfg.init_from, expected=model.multi_modal_projector)
+        except UserError as e:
+            raise UserError(f"--init-from {e}") from None
         full = LlavaModel.from_config(cfg.model_config(), dtype="auto").state_dict()
         full.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
     # Each tensor is copied into the rank's shard (or replica) in that parameter's dtype: fp16 -> fp32 is exact.

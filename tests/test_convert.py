@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 import checkpoints
 import generate
-from data import IMAGE_TOKEN_INDEX, VICUNA_SYSTEM, ChatFormat, load_image_processor, move_image_tags_first, \
-    process_image, render
+from data import IMAGE_TOKEN_INDEX, VICUNA_SYSTEM, ChatFormat, UserError, load_image_processor, \
+    move_image_tags_first, process_image, render
 from checkpoints import projector_weights
 from model import LlavaConfig, LlavaModel
 from tools.convert import export_llava_hf, import_checkpoint
@@ -268,3 +268,55 @@ def test_a_pickle_carrying_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="refusing to load .*mm_projector.bin"):
         projector_weights(str(tmp_path / "mm_projector.bin"))
     assert not Payload.target.exists()
+
+
+# Damaged files in the original LLaVA layout and llava-hf's: a UserError naming the file, never a raw library error.
+ORIGINAL_DAMAGE = {  # name: (what is done to the LLaVA directory, the error)
+    "a .bin of junk": (lambda d: (d / "pytorch_model-00001-of-00002.bin").write_bytes(b"not a zip, not a pickle"),
+                       r"pytorch_model-00001-of-00002.bin: not a PyTorch weights file \(torch.save's zip\), or cut "
+                       r"short \(.*\); fetch it again"),
+    "a cut .bin": (lambda d: (d / "pytorch_model-00002-of-00002.bin").write_bytes(
+        (d / "pytorch_model-00002-of-00002.bin").read_bytes()[:3000]), "00002.bin: not a PyTorch weights file"),
+    "an empty .bin": (lambda d: (d / "pytorch_model-00002-of-00002.bin").write_bytes(b""), "not a PyTorch weights"),
+    "a .bin holding a list": (lambda d: torch.save([torch.zeros(2)], d / "pytorch_model-00001-of-00002.bin"),
+                              "00001-of-00002.bin holds a list rather than named tensors"),
+    "a missing .bin shard": (lambda d: (d / "pytorch_model-00002-of-00002.bin").unlink(),
+                             "pytorch_model.bin.index.json names pytorch_model-00002-of-00002.bin, which is not in"),
+    "an index of junk": (lambda d: (d / "pytorch_model.bin.index.json").write_text("[]"), "a JSON list, not an object"),
+    "mm_vision_select_layer 'x'": (lambda d: (d / "config.json").write_text(json.dumps(
+        {**json.loads((d / "config.json").read_text()), "mm_vision_select_layer": "x"})),
+        r"config.json \(the original LLaVA's mm_\* keys\): vision_feature_layer 'x': not an integer"),
+    "mm_vision_tower gone": (lambda d: (d / "config.json").write_text(json.dumps(
+        {**json.loads((d / "config.json").read_text()), "mm_vision_tower": "/nowhere/clip"})),
+        r"llava was trained with the vision tower at /nowhere/clip, which is not there now.*\(\"mm_vision_tower\"\)"),
+}
+
+
+@pytest.mark.parametrize("name", ORIGINAL_DAMAGE)
+def test_damaged_files_of_the_original_layout_are_named(reference, tmp_path, name):
+    hf, root = reference
+    original_llava_files(hf, root, tmp_path / "llava")
+    damage, error = ORIGINAL_DAMAGE[name]
+    damage(tmp_path / "llava")
+    with pytest.raises(UserError, match=error):
+        checkpoints.load(str(tmp_path / "llava"))
+
+
+def test_a_damaged_stage1_projector_and_llava_hf_shard_are_named(reference, tmp_path):
+    hf, root = reference
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "config.json").write_text(json.dumps({"mm_vision_tower": str(root / "vision"),
+                                                                 "mm_projector_type": "mlp2x_gelu"}))
+    (tmp_path / "stage1" / "mm_projector.bin").write_bytes(b"\x80\x04junk")
+    with pytest.raises(UserError, match="mm_projector.bin: not a PyTorch weights file"):
+        checkpoints.load(str(tmp_path / "stage1"), model_base=str(root / "llm"))
+    torch.save({"model.mm_projector.weight": torch.zeros(48, 32), "model.mm_projector.bias": torch.zeros(48)},
+               tmp_path / "stage1" / "mm_projector.bin")  # a linear projector where the config says mlp2x_gelu
+    with pytest.raises(UserError, match=r"mm_projector.bin holds a linear projector \(linear_1 32→48\); this model's "
+                                        r"projector type is mlp2x_gelu"):
+        checkpoints.load(str(tmp_path / "stage1"), model_base=str(root / "llm"))
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(UserError, match=r"checkpoint .*hf: its files cannot be read \(SafetensorError: "):
+        checkpoints.load(str(tmp_path / "hf"))

@@ -13,7 +13,7 @@ import torch
 import finetune
 import real_format as rf
 import train
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatFormat, ModalityLengthGroupedSampler
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatFormat, ModalityLengthGroupedSampler, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,7 +187,7 @@ def test_init_from_takes_the_projector_of_every_layout(local, tmp_path):
             assert (weights[k].float() - v.float()).abs().max() <= 0.01 * v.float().abs().max(), (source, k)
     with pytest.raises(ValueError, match="holds no projector weights"):
         projector_weights(local[rf.VICUNA])
-    with pytest.raises(FileNotFoundError, match="is not a checkpoint directory"):
+    with pytest.raises(UserError, match="is not a directory here, and not a hub repo id"):
         projector_weights(str(tmp_path / "checkpoints" / "llava-v1.5-7b-pretrain"))
 
 
