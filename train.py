@@ -470,8 +470,6 @@ def build_model(cfg, device):
 
     So only rank 0 ever holds a full copy (in CPU memory, in the backbones' saved dtype), and only once.
     """
-    from data import UserError
-
     model = empty_sharded_model(cfg)
     materialize(model, device)
     full, projector = {}, {}

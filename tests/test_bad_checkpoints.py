@@ -133,7 +133,7 @@ def test_a_hub_backbone_is_taken_at_the_commit_it_was_trained_with(tmp_path, mon
 
 def test_a_path_that_is_not_there_is_a_user_error_saying_so(tmp_path, backbones):
     vision, llm = backbones
-    for path in (str(tmp_path / "nope"), "runs/toy/world/vision", "./vision", ""):
+    for path in (str(tmp_path / "nope"), "runs/no-such-world/vision", "./no-such-vision", ""):
         with pytest.raises(UserError, match="is not a directory here, and not a hub repo id \\(owner/name\\)"):
             resolve(path)
     with pytest.raises(UserError, match="nobody/nothing is not a directory here, and as a hub repo id it is not in "
@@ -362,7 +362,9 @@ def test_train_names_the_flags_of_a_projector_mismatch(tmp_path, backbones):
                      modules=STAGE_1)
     cfg = train.TrainConfig(**{**finetune.STAGE_2, "vision_tower": vision, "llm": llm, "projector_type": "linear",
                                "init_from": str(tmp_path / "stage1"), "output_dir": str(tmp_path / "out"),
-                               "data_path": "unused.json", "global_batch_size": 1, "micro_batch_size": 1})
+                               "data_path": str(tmp_path / "unused.json"), "global_batch_size": 1,
+                               "micro_batch_size": 1})
+    (tmp_path / "unused.json").write_text("[]")
     try:
         with pytest.raises(UserError, match=r"--init-from .*stage1 holds a mlp2x_gelu projector \(linear_1 32→48, "
                                             r"linear_2 48→48\); this model's projector type is linear"):
