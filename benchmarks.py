@@ -589,6 +589,7 @@ def judge_and_score(args):
             raise DataError("score llava_bench scores --reviews, or has a judge write them from --questions, "
                             f"--context, --reference and --answers; missing: {', '.join(missing)}")
         inputs = read_judge_inputs(args)
+        os.makedirs(args.reviews_dir, exist_ok=True)  # a file in its way is said now, not after a run of API calls
         args.reviews = []
         for run in range(1, args.runs + 1):
             reviews = judge.judge_llava_bench(*inputs, args)

@@ -273,6 +273,7 @@ positive_int = flag_type(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = flag_type(int, lambda v: v >= 0, "an integer >= 0")
 non_negative_float = flag_type(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 probability = flag_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+seed = flag_type(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # what torch.Generator takes
 
 
 def check_image(path, where):
@@ -363,7 +364,7 @@ def main(argv=None):
     p.add_argument("--top-p", type=probability, default=None)
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--max-new-tokens", type=positive_int, default=512)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--compile", action="store_true",
                    help="static KV cache + torch.compile of the decoding step (CUDA graphs on a GPU): slow to start, "
                         "fast per token")

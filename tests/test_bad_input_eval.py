@@ -352,6 +352,8 @@ def test_the_judges_inputs_are_checked_before_the_first_request(tmp_path, capsys
     (tmp_path / "rules.json").write_text("{")
     assert "rules.json: malformed JSON" in fails(capsys, argv + [context, "--rules", str(tmp_path / "rules.json")])
     assert not (tmp_path / "rev").exists()
+    write_jsonl(tmp_path / "a.jsonl", [{"question_id": 0, "text": "model"}])  # all good, but a file is in the way
+    assert str(questions) in fails(capsys, argv + [context, "--reviews-dir", questions])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def test_cli_refuses_bad_input_clearly(checkpoint, args, message, capsys):
 @pytest.mark.parametrize("flag,value", [
     ("--max-new-tokens", "0"), ("--max-new-tokens", "-3"), ("--max-new-tokens", "2.5"), ("--top-k", "0"),
     ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--temperature", "-0.1"), ("--temperature", "nan"),
-    ("--temperature", "inf"),
+    ("--temperature", "inf"), ("--seed", "-1"), ("--seed", str(2**64)),
 ])
 def test_flags_out_of_range_are_refused_by_name(flag, value, capsys):
     assert f"argument {flag}: must be" in refused(capsys, ["--model", "nowhere", flag, value, "Hi?"])
@@ -288,3 +288,24 @@ def test_left_padding_positions_with_absolute_position_embeddings(tmp_path):
     together = generate.generate(model, batch, pixel_values, max_new_tokens=8)
     images = [None, pixel_values[:1], pixel_values[1:]]
     assert together == [generate.generate(model, [p], im, max_new_tokens=8)[0] for p, im in zip(batch, images)]
+
+
+def test_a_conversation_too_long_for_the_context_is_said_and_the_chat_goes_on(checkpoint, capsys, monkeypatch):
+    """The question that does not fit is dropped from the conversation, which goes on."""
+    lines, asked, answer = iter(["word " * 300, "Short?"]), [], generate.answer
+
+    def read(prompt=""):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    def recorded(model, fmt, conversations, *args, **kwargs):
+        asked.append([m["content"] for m in conversations[0]])
+        return answer(model, fmt, conversations, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.input", read)
+    monkeypatch.setattr(generate, "answer", recorded)
+    out = cli(capsys, "--model", str(checkpoint / "model"), "--chat", "--temperature", "0", "--max-new-tokens", "2")
+    assert "does not fit the LLM's context of 256" in out and "/reset" in out
+    assert len(asked) == 2 and asked[1] == ["Short?"]
