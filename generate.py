@@ -23,7 +23,6 @@ import sys
 
 import torch
 from huggingface_hub.errors import HFValidationError
-from PIL import Image, UnidentifiedImageError
 from transformers import DynamicCache, StaticCache
 
 import checkpoints
@@ -278,14 +277,11 @@ seed = flag_type(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1"
 
 def check_image(path, where):
     """Read an image the user named now, so that a wrong path is said before the model loads (or, in the chat, when
-    the command is given), not at the next question. `where` names the flag or command."""
+    the command is given), not at the next question. `where` names the flag or command. The file is read as the
+    model will read it, by data.load_image (which refuses formats whose decoders run other programs)."""
     if not os.path.isfile(path):
         raise UserError(f"{where} {path}: no such file; check the path")
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
-        raise UserError(f"{where} {path}: cannot read the image ({e}); name a PNG, JPEG or other image file") from None
+    load_image(path, where)
 
 
 COMMANDS = "commands: /image PATH, /reset, /quit"

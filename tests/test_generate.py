@@ -198,7 +198,7 @@ def refused(capsys, argv):
 @pytest.mark.parametrize("args,message", [
     (["--image", "{root}/missing.png", "Hi?"], "--image {root}/missing.png: no such file"),
     (["--image", "{root}", "Hi?"], "--image {root}: no such file"),  # a folder
-    (["--image", "{root}/corrupt.png", "Hi?"], "--image {root}/corrupt.png: cannot read the image"),
+    (["--image", "{root}/corrupt.png", "Hi?"], "--image: cannot read image {root}/corrupt.png"),
     (["  "], "empty prompt"),
     (["--chat", "Hi?"], "drop the question, or drop --chat"),
     (["word " * 400], "does not fit the LLM's context of 256"),
@@ -246,7 +246,7 @@ def test_chat_commands_check_their_image_and_refuse_what_they_do_not_know(checkp
     assert f"error: /image {checkpoint / 'missing.png'}: no such file; check the path (the conversation goes on " \
         f"about {red})" in out
     assert "unknown command /imagine; commands: /image PATH, /reset, /quit" in out
-    assert "/image needs a PATH" in out and f"/image {checkpoint / 'corrupt.png'}: cannot read the image" in out
+    assert "/image needs a PATH" in out and f"/image: cannot read image {checkpoint / 'corrupt.png'}" in out
     assert asked == [(["<image>\nWhat is this?"], 1),
                      (["<image>\nWhat is this?", "fine", "/etc/hosts?"], 1),  # the old image, the same conversation
                      (["<image>\nAgain?"], 1)]
