@@ -20,8 +20,9 @@
 `run` reads LLaVA's question files (JSON lines {question_id, image, text, category}, the conversation-format
 JSON list of ScienceQA, or MMBench's TSV with its images inside) and writes LLaVA's answer schema {question_id,
 prompt, text, answer_id, model_id, metadata} (MMBench's adds round_id, options, option_char), a line per answer,
-flushed as it goes: a crash loses nothing, and a re-run skips the questions already answered. Decoding is
-LLaVA-1.5's benchmark setting (its scripts/v1_5/eval/*.sh): greedy, the model's own template (vicuna_v1),
+flushed as it goes: a crash loses nothing, and a re-run skips the questions already answered (another model's
+answers file is refused). The question file, its images and the answers file are checked before the model loads.
+Decoding is LLaVA-1.5's benchmark setting (its scripts/v1_5/eval/*.sh): greedy, the model's own template (vicuna_v1),
 "<image>\\n" first in the question.
 
 `score NAME` prints a table and writes the metrics as JSON (--out). The rules are in benchmarks.py, one section per
