@@ -28,39 +28,138 @@ The rest of LLaVA-1.5's table:
   scripts/convert_vizwiz_for_submission.py.
 
 The same rules for bad input everywhere: a question without an answer counts as wrong and is reported; an answer to a
-question the question file does not have, or a malformed line, is an error naming the file and line. A new benchmark is
-one more section and one more entry in BENCHMARKS at the end.
+question the question file does not have, a malformed line, a record without a field the rule reads (or with one of
+another type), a file that is not UTF-8, is an error naming the file and line (read_jsonl, read_json, require). Files
+written (submissions, reviews, grades) are written whole or not at all (atomic_write). A new benchmark is one more
+section and one more entry in BENCHMARKS at the end.
 """
 
 import base64
 import binascii
 import csv
+import io
 import json
 import os
 import re
 import sys
 import zipfile
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 from xml.sax.saxutils import escape
 
+from PIL import Image, UnidentifiedImageError
+
 import judge
 from data import DataError, read_samples
+from generate import positive_int
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading answers, and what every scorer does with them
 
 
-def read_jsonl(path):
-    """JSON lines or a JSON list of objects; a malformed line is an error naming it (data.read_samples)."""
-    return read_samples(path)[0]
+ID = (str, int)  # a question_id: LLaVA's files use both
+
+
+@contextmanager
+def reading(path):
+    """The errors of reading the file or folder `path` (missing, unreadable, not UTF-8, malformed JSON or TSV) as
+    errors naming it."""
+    try:
+        yield
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it the file you meant?") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable TSV ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); check the path") from None
+
+
+def read_jsonl(path, **fields):
+    """JSON lines or a JSON list of objects (data.read_samples), each with `fields` (name=type): a malformed line, or a
+    line without a field or with one of another type, is an error naming the file and line."""
+    with reading(path):
+        samples, places = read_samples(path)
+    for sample, place in zip(samples, places):
+        require(sample, fields, place)
+    return samples
+
+
+def read_questions(path, **fields):
+    """read_jsonl for a file that must hold something: a question file, a key, labels."""
+    questions = read_jsonl(path, **fields)
+    if not questions:
+        raise DataError(f"{path}: empty; is it the file you meant?")
+    return questions
+
+
+def read_json(path):
+    """A JSON document (an annotation file, a key); malformed JSON is an error naming the file, line and column."""
+    with reading(path), open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def list_folder(path):
+    """The names in a folder, sorted; a missing folder, or a file, is an error naming it."""
+    with reading(path):
+        return sorted(os.listdir(path))
+
+
+def require(record, fields, where):
+    """`record` is a JSON object with `fields` (name=type or tuple of types), or an error naming `where`."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}; is it the file you meant?")
+    for name, kind in fields.items():
+        if name not in record:
+            raise DataError(f"{where}: no {name!r} field (it has {sorted(record)[:8]}); is it the file you meant?")
+        if not isinstance(record[name], kind):
+            kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise DataError(f"{where}: {name!r} is {record[name]!r:.60}, not a {kinds}")
+    return record
+
+
+def entries(document, key, path, **fields):
+    """document[key], a list of JSON objects with `fields`, each checked (errors name the file and the entry)."""
+    require(document, {key: list}, path)
+    return [require(entry, fields, f"{path}, {key}[{i}]") for i, entry in enumerate(document[key])]
+
+
+def keyed(document, path, **fields):
+    """The JSON object `document` as {id: entry}, each entry an object with `fields` (errors name the file and id)."""
+    if not isinstance(document, dict) or not document:
+        raise DataError(f"{path}: expected a non-empty JSON object of {{id: entry}}; is it the file you meant?")
+    return {k: require(v, fields, f"{path}, {k!r}") for k, v in document.items()}
+
+
+def beside(path, suffix):
+    """A file written next to `path`: its extension replaced by `suffix` ("run.v1/a.jsonl" -> "run.v1/a" + suffix;
+    a dot in a folder's name is not an extension)."""
+    return os.path.splitext(path)[0] + suffix
+
+
+def atomic_write(path, write, mode="w"):
+    """write(f) to a temporary file beside `path`, flushed to disk, then renamed over it: a crash leaves the old file
+    or the new one, never a part of one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def answers_by_id(path, questions):
     """question_id -> answer text; answers to questions the question file does not have are an error."""
-    answers = {str(a["question_id"]): a["text"] for a in read_jsonl(path)}
+    answers = {str(a["question_id"]): a["text"] for a in read_jsonl(path, question_id=ID, text=str)}
     unknown = sorted(set(answers) - {str(q) for q in questions})
     if unknown:
         raise DataError(f"{path}: {len(unknown)} answers to questions not in the question file, e.g. {unknown[:3]}; "
@@ -93,19 +192,29 @@ def sqa_letter(text):
     return found[0] if len(found) == 1 else None
 
 
+def sqa_turn(question, i, path):
+    """Turn i of a ScienceQA question's conversation (0: the question, 1: the answer key), or an error naming it."""
+    turns = question["conversations"]
+    if len(turns) <= i or not isinstance(turns[i], dict) or not isinstance(turns[i].get("value"), str):
+        raise DataError(f"{path}, question {question['id']!r}: conversations[{i}] has no 'value' text; is it "
+                        "LLaVA's ScienceQA question file (llava_test_CQM-A.json)?")
+    return turns[i]["value"]
+
+
 def score_scienceqa(questions_path, answers_path):
     """The published number is img_accuracy: the questions with an image (2,017 of the 4,241). The key is in the
     question file, the gpt turn of each conversation."""
-    questions = read_jsonl(questions_path)
+    questions = read_questions(questions_path, id=ID, conversations=list)
     answers = answers_by_id(answers_path, [q["id"] for q in questions])
     right, total, img_right, img_total = 0, 0, 0, 0
     for q in questions:
-        letter = sqa_letter(answers.get(str(q["id"]), "FAILED"))
-        correct = letter is not None and letter == q["conversations"][1]["value"].strip()
+        key, letter = sqa_turn(q, 1, questions_path).strip(), sqa_letter(answers.get(str(q["id"]), "FAILED"))
+        correct = letter is not None and letter == key
         right, total = right + correct, total + 1
         if "image" in q:
             img_right, img_total = img_right + correct, img_total + 1
-    return {"img_accuracy": 100 * img_right / img_total, "accuracy": 100 * right / total, "img_correct": img_right,
+    img_accuracy = 100 * img_right / img_total if img_total else None  # None: a question file without images
+    return {"img_accuracy": img_accuracy, "accuracy": 100 * right / total, "img_correct": img_right,
             "img_total": img_total, "correct": right, "total": total,
             "missing": missing_report([q["id"] for q in questions], answers)}
 
@@ -128,19 +237,19 @@ def pope_says_yes(text):
 def score_pope(questions_path, answers_path, labels_dir):
     """Per split (coco_pope_{adversarial,popular,random}.json): each label is paired with the answer to the same
     question (image and question text; LLaVA pairs them by file order, which agrees when both files are in order)."""
-    questions = read_jsonl(questions_path)
+    questions = read_questions(questions_path, question_id=ID, category=str, image=str, text=str)
     answers = answers_by_id(answers_path, [q["question_id"] for q in questions])
     missing = missing_report([q["question_id"] for q in questions], answers)
     by_key = defaultdict(list)
     for q in questions:
         by_key[(q["category"], q["image"], q["text"].split("\n")[0].strip())].append(q)
     results = {}
-    for name in sorted(os.listdir(labels_dir)):
+    for name in list_folder(labels_dir):
         if not (name.startswith("coco_pope_") and name.endswith(".json")):
             continue
         split = name[len("coco_pope_"):-len(".json")]
         tp = fp = tn = fn = yes = 0
-        for label in read_jsonl(os.path.join(labels_dir, name)):
+        for label in read_questions(os.path.join(labels_dir, name), image=str, text=str, label=str):
             candidates = by_key.get((split, label["image"], label["text"].strip()))
             if not candidates:
                 raise DataError(f"{labels_dir}/{name}: no question in {questions_path} for {label['image']} "
@@ -228,27 +337,29 @@ def soft_accuracy(prediction, human_answers):
                for i in range(len(humans))) / len(humans)
 
 
-def textvqa_question(prompt):
+def textvqa_question(prompt, where="a TextVQA answer"):
     """LLaVA's eval_textvqa prompt_processor: the question line of a TextVQA prompt, lower-cased."""
     lines = prompt.split("\n")
-    if prompt.startswith("OCR tokens: "):
-        return re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL).group(1).lower()
+    found = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+    if prompt.startswith("OCR tokens: ") and found:
+        return found.group(1).lower()
     if "Reference OCR token: " in prompt and len(lines) == 3:
         return (lines[1] if prompt.startswith("Reference OCR token:") else lines[0]).lower()
     if len(lines) == 2:
         return lines[0].lower()
-    raise DataError(f"cannot find the question in the TextVQA prompt {prompt[:80]!r}")
+    raise DataError(f"{where}: cannot find the question in the TextVQA prompt {prompt[:80]!r}; is it the answers "
+                    "file of TextVQA's llava_textvqa_val_v051_ocr.jsonl?")
 
 
 def score_vqa(answers_path, annotations_path):
     """VQAv2 annotations ({"annotations": [{question_id, answers: [{answer}]}]}) matched by question_id, or TextVQA's
     ({"data": [{image_id, question, answers}]}) matched as LLaVA does: (question_id = image_id, question in prompt)."""
-    with open(annotations_path) as f:
-        gt = json.load(f)
-    results = read_jsonl(answers_path)
+    gt = read_json(annotations_path)
+    results = read_jsonl(answers_path, question_id=ID, text=str)
     scores = []
-    if "annotations" in gt:
-        truth = {str(a["question_id"]): [x["answer"] for x in a["answers"]] for a in gt["annotations"]}
+    if isinstance(gt, dict) and "annotations" in gt:
+        truth = {str(a["question_id"]): human_answers(a, annotations_path)
+                 for a in entries(gt, "annotations", annotations_path, question_id=ID, answers=list)}
         for r in results:
             if str(r["question_id"]) not in truth:
                 raise DataError(f"{answers_path}: question {r['question_id']} is not in {annotations_path}")
@@ -256,10 +367,12 @@ def score_vqa(answers_path, annotations_path):
         scores = [soft_accuracy(answers[q], truth[q]) if q in answers else 0.0 for q in truth]
         missing = missing_report(list(truth), answers)
     else:
-        truth = {(str(a["image_id"]), a["question"].lower()): a["answers"] for a in gt["data"]}
+        truth = {(str(a["image_id"]), a["question"].lower()): human_answers(a, annotations_path)
+                 for a in entries(gt, "data", annotations_path, image_id=ID, question=str, answers=list)}
         seen = set()
-        for r in results:
-            key = (str(r["question_id"]), textvqa_question(r["prompt"]))
+        for n, r in enumerate(results, 1):
+            where = f"{answers_path}, answer #{n}"
+            key = (str(r["question_id"]), textvqa_question(require(r, {"prompt": str}, where)["prompt"], where))
             if key not in truth:
                 raise DataError(f"{answers_path}: question {key} is not in {annotations_path}")
             seen.add(key)
@@ -268,7 +381,18 @@ def score_vqa(answers_path, annotations_path):
         if missing:
             print(f"warning: {missing} of {len(truth)} questions have no answer; they count as wrong", file=sys.stderr)
         scores += [0.0] * missing
+    if not truth:
+        raise DataError(f"{annotations_path}: no annotations; is it the file you meant?")
     return {"accuracy": 100 * sum(scores) / len(scores), "n": len(scores), "missing": missing}
+
+
+def human_answers(annotation, path):
+    """The human answers of a VQAv2 annotation ([{"answer": str}]) or a TextVQA one ([str])."""
+    answers = [a.get("answer") if isinstance(a, dict) else a for a in annotation["answers"]]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        qid = annotation.get("question_id", annotation.get("image_id"))
+        raise DataError(f"{path}, question {qid!r}: 'answers' must be a non-empty list of the human answers")
+    return answers
 
 
 def vqa_flags(p):
@@ -282,8 +406,7 @@ def vqa_flags(p):
 
 def score_gqa(answers_path, annotations_path):
     """Exact match with GQA's one answer per question, after LLaVA's rstrip(".").lower() of the prediction."""
-    with open(annotations_path) as f:
-        truth = {str(k): v["answer"] for k, v in json.load(f).items()}
+    truth = {str(k): v["answer"] for k, v in keyed(read_json(annotations_path), annotations_path, answer=str).items()}
     answers = answers_by_id(answers_path, list(truth))
     correct = sum(answers.get(q, "").rstrip(".").lower() == a for q, a in truth.items())
     return {"accuracy": 100 * correct / len(truth), "correct": correct, "n": len(truth),
@@ -339,7 +462,7 @@ def read_mme_truth(root):
     truth = {}
 
     def add(path, subtask, stem):
-        with open(path, encoding="utf-8") as f:
+        with reading(path), open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 fields = line.strip().split("\t")
                 if fields == [""]:
@@ -353,12 +476,12 @@ def read_mme_truth(root):
                                                                       else "image<TAB>question<TAB>answer"))
                 truth[key] = answer.strip().lower()
 
-    for entry in sorted(os.listdir(root)):
+    for entry in list_folder(root):
         path = os.path.join(root, entry)
         if os.path.isdir(path):
             if os.path.isdir(os.path.join(path, "questions_answers_YN")):
                 path = os.path.join(path, "questions_answers_YN")
-            for name in sorted(os.listdir(path)):
+            for name in list_folder(path):
                 if name.endswith(".txt"):
                     add(os.path.join(path, name), entry, name[:-4])
         elif entry[:-4] in MME_PERCEPTION + MME_COGNITION and entry.endswith(".txt"):
@@ -382,10 +505,11 @@ def score_mme(questions_path, answers_path, mme_root):
     """Per subtask acc (questions) + acc+ (images with both questions right); LLaVA reports the perception sum.
     calculation.py takes a results file's lines two by two as an image's questions; here they are grouped by image,
     which is the same for LLaVA's files, where an image's two questions are next to each other."""
-    keys = [(str(q["question_id"]), mme_question(q["text"])) for q in read_jsonl(questions_path)]
+    keys = [(str(q["question_id"]), mme_question(q["text"]))
+            for q in read_questions(questions_path, question_id=ID, text=str)]
     answers = {}
-    for n, a in enumerate(read_jsonl(answers_path), 1):
-        if "prompt" not in a:
+    for n, a in enumerate(read_jsonl(answers_path, question_id=ID, text=str), 1):
+        if not isinstance(a.get("prompt"), str):
             raise DataError(f"{answers_path}: answer #{n} has no \"prompt\"; MME's two questions of an image share "
                             "a question_id, so an answer is matched to its question by its prompt")
         answers[str(a["question_id"]), mme_question(a["prompt"])] = a["text"]
@@ -425,7 +549,7 @@ def mme_flags(p):
 # LLaVA-Bench: GPT-4-judged relative scores (llava/eval/summarize_gpt_review.py; the judge is judge.py)
 
 
-def relative_scores(reviews):
+def relative_scores(reviews, path="reviews"):
     """Per category and "all": 100 x mean(model) / mean(GPT-4), a ratio of means, each mean first rounded to 3
     decimals as summarize_gpt_review.py does (`stats = [round(x, 3) for x in stats]`), the ratio then to 0.1. The
     inner rounding moves LLaVA-1.5-7B's first released run from 64.8 to the 64.7 LLaVA computed."""
@@ -438,27 +562,62 @@ def relative_scores(reviews):
     for category, values in sorted(pairs.items()):
         reference = round(sum(v[0] for v in values) / len(values), 3)
         model = round(sum(v[1] for v in values) / len(values), 3)
+        if not reference:
+            raise DataError(f"{path}: the reference's mean score in {category!r} is 0; are these a judge's reviews?")
         out[category] = {"relative": round(model / reference * 100, 1), "reference": round(reference * 10, 1),
                          "model": round(model * 10, 1)}
     return out
 
 
 def score_llava_bench(review_paths):
-    runs = [relative_scores(read_jsonl(p)) for p in review_paths]
+    runs = [relative_scores(read_questions(p, content=str, category=str), p) for p in review_paths]
     categories = runs[0].keys()
+    for p, r in zip(review_paths, runs):
+        if r.keys() != categories:
+            raise DataError(f"{p}: reviews of the categories {sorted(r)}, {review_paths[0]}: {sorted(categories)}; "
+                            "are these runs of one judge over one question file?")
     return {"mean": {c: round(sum(r[c]["relative"] for r in runs) / len(runs), 1) for c in categories},
             "runs": {os.path.basename(p): r for p, r in zip(review_paths, runs)}}
 
 
 def judge_and_score(args):
-    """Scores --reviews, or first has the judge write one review file per run (which costs API calls)."""
+    """Scores --reviews, or first has the judge write one review file per run (which costs API calls):
+    --reviews-dir/<answers file>-eval<run>.jsonl, each written whole once its run is done."""
     if not args.reviews:
         missing = [f"--{name}" for name in ("questions", "context", "reference", "answers") if not getattr(args, name)]
         if missing:
-            raise SystemExit("error: score llava_bench scores --reviews, or has a judge write them from --questions, "
-                             f"--context, --reference and --answers; missing: {', '.join(missing)}")
-        args.reviews = [judge.judge_llava_bench(args, run + 1) for run in range(args.runs)]
+            raise DataError("score llava_bench scores --reviews, or has a judge write them from --questions, "
+                            f"--context, --reference and --answers; missing: {', '.join(missing)}")
+        inputs = read_judge_inputs(args)
+        os.makedirs(args.reviews_dir, exist_ok=True)  # a file in its way is said now, not after a run of API calls
+        args.reviews = []
+        for run in range(1, args.runs + 1):
+            reviews = judge.judge_llava_bench(*inputs, args)
+            name = f"{os.path.splitext(os.path.basename(args.answers))[0]}-eval{run}.jsonl"
+            args.reviews.append(os.path.join(args.reviews_dir, name))
+            atomic_write(args.reviews[-1], lambda f: f.writelines(json.dumps(r) + "\n" for r in reviews))
     return score_llava_bench(args.reviews)
+
+
+def read_judge_inputs(args):
+    """What judge.judge_llava_bench reads, all checked before the first API call: the questions, image -> caption,
+    the reference's and the model's answers by question_id, and LLaVA's rule.json ({} without --rules)."""
+    questions = read_questions(args.questions, question_id=ID, image=str, text=str, category=str)
+    captions = {c["image"]: c["caption"] for c in read_jsonl(args.context, image=str, caption=(str, list))}
+    reference = {str(a["question_id"]): a for a in read_jsonl(args.reference, question_id=ID, text=str)}
+    answers = {str(a["question_id"]): a for a in read_jsonl(args.answers, question_id=ID, text=str)}
+    rules = keyed(read_json(args.rules), args.rules, prompt=str, role=str) if args.rules else {}
+    for q in questions:
+        for flag, table, key in (("--reference", reference, str(q["question_id"])),
+                                 ("--answers", answers, str(q["question_id"])), ("--context", captions, q["image"])):
+            if key not in table:
+                raise DataError(f"{args.questions}, question {q['question_id']!r}: {flag} has no "
+                                f"{'caption of its image' if flag == '--context' else 'answer to it'}; is "
+                                f"{getattr(args, flag[2:])} the file of these questions?")
+    for image, caption in captions.items():
+        if isinstance(caption, list) and not all(isinstance(line, str) for line in caption):
+            raise DataError(f"{args.context}, image {image!r}: 'caption' must be a string or a list of strings")
+    return questions, captions, reference, answers, rules
 
 
 def llava_bench_flags(p):
@@ -475,6 +634,7 @@ def llava_bench_flags(p):
 # here, the published 67.7; the .xlsx written here reads back (pandas.read_excel, openpyxl) cell for cell as LLaVA's.
 
 MMBENCH_LETTERS = ("A", "B", "C", "D")
+MMBENCH_COLUMNS = ("index", "question", "A", "B")  # what every TSV has; hint, C, D, answer, image... may be absent
 # What pandas.read_table reads as NaN by default: the cells LLaVA's pandas saw as missing
 PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
              "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
@@ -492,18 +652,42 @@ def read_mmbench(path):
     """(column names, rows as dicts of strings, "index" an int) of an MMBench TSV, read with csv as pandas reads it
     (tab-separated, '"'-quoted). The base64 images make fields far longer than csv's default limit."""
     csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with reading(path), open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter="\t")
         columns = reader.fieldnames or []
-        if not {"index", "question", "A", "B"} <= set(columns):
+        if not set(MMBENCH_COLUMNS) <= set(columns):
             raise DataError(f"{path}: not an MMBench TSV (columns {columns[:8]}; it needs index, question, A, B, ...)")
         rows = list(reader)
     for n, row in enumerate(rows, 1):
+        missing = [c for c in MMBENCH_COLUMNS if row[c] is None]
+        if missing:  # csv's None: the row has fewer cells than the header
+            raise DataError(f"{path}: row {n} has no {missing[0]!r} cell (fewer cells than the header); is the TSV "
+                            "complete?")
+        row.update({c: "" for c in columns if row[c] is None})  # an absent optional cell: empty, as pandas' NaN
         try:
             row["index"] = int(row["index"])
-        except (TypeError, ValueError):
+        except ValueError:
             raise DataError(f"{path}: row {n} has the index {row['index']!r}, not an integer") from None
+    if not rows:
+        raise DataError(f"{path}: no rows; is it the file you meant?")
     return columns, rows
+
+
+def mmbench_answers(path, questions_path, rows):
+    """(index, round_id, text) per line of an MMBench answers file, in its order; an answer to a row the TSV does not
+    have is an error."""
+    indices, out = {row["index"] for row in rows}, []
+    for n, a in enumerate(read_jsonl(path, question_id=ID, text=str), 1):
+        try:
+            index, round_id = int(a["question_id"]), int(a.get("round_id", 0))
+        except (TypeError, ValueError):
+            raise DataError(f"{path}, answer #{n}: question_id {a['question_id']!r} and round_id "
+                            f"{a.get('round_id')!r} must be integers (the TSV's index, the round)") from None
+        if index not in indices:
+            raise DataError(f"{path}: question {a['question_id']} is not in {questions_path}; is this the answers "
+                            "file of another benchmark?")
+        out.append((index, round_id, a["text"]))
+    return out
 
 
 def mmbench_rounds(row, all_rounds=False):
@@ -531,8 +715,12 @@ def mmbench_questions(path, suffix, all_rounds=False):
     for row in read_mmbench(path)[1]:
         try:
             image = None if mmbench_missing(row.get("image")) else base64.b64decode(row["image"], validate=True)
+            if image is not None:
+                Image.open(io.BytesIO(image))  # its header: a cell that is no image is found now, not mid-run
         except binascii.Error:
             raise DataError(f"{path}: question {row['index']}: the image is not base64") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{path}: question {row['index']}: the image cell is not an image ({e})") from None
         for r, options, letters in mmbench_rounds(row, all_rounds):
             prompt = mmbench_prompt(row, options)
             questions.append((row["index"], image, prompt + suffix, prompt,
@@ -564,13 +752,7 @@ def score_mmbench(questions_path, answers_path):
     if any(mmbench_missing(row.get("answer")) for row in rows):
         raise DataError(f"{questions_path}: rows without an answer (a test split?); score a dev split, submit a test "
                         "split with `score mmbench_submit`")
-    by_index = {row["index"]: row for row in rows}
-    answers = {}
-    for a in read_jsonl(answers_path):
-        if int(a["question_id"]) not in by_index:
-            raise DataError(f"{answers_path}: question {a['question_id']} is not in {questions_path}; is this the "
-                            "answers file of another benchmark?")
-        answers[int(a["question_id"]), int(a.get("round_id", 0))] = a["text"]
+    answers = {(index, r): text for index, r, text in mmbench_answers(answers_path, questions_path, rows)}
     all_rounds = any(r > 0 for _, r in answers)
     group, vanilla, missing = defaultdict(list), {}, 0
     for row in rows:
@@ -584,6 +766,8 @@ def score_mmbench(questions_path, answers_path):
     if missing:
         print(f"warning: {missing} rows or rounds have no answer; their questions count as wrong", file=sys.stderr)
     main = [row for row in rows if row["index"] < CIRCULAR]
+    if not main:
+        raise DataError(f"{questions_path}: no question rows (index < {CIRCULAR}), only rotated copies")
     hits = {row["index"]: all(group[row["index"]]) for row in main}
 
     def accuracy(subset):
@@ -651,9 +835,12 @@ def write_xlsx(path, header, rows):
     lines = [f'<row r="{n}">' + "".join(cell(f"{column(i)}{n}", v) for i, v in enumerate(values)) + "</row>"
              for n, values in enumerate([header, *rows], 1)]
     sheet = f'<worksheet xmlns="{XLSX_MAIN}"><sheetData>{"".join(lines)}</sheetData></worksheet>'
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, xml in [*XLSX_PARTS.items(), ("xl/worksheets/sheet1.xml", sheet)]:
-            z.writestr(name, '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n' + xml)
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, xml in [*XLSX_PARTS.items(), ("xl/worksheets/sheet1.xml", sheet)]:
+                z.writestr(name, '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n' + xml)
+
+    atomic_write(path, write, "wb")
 
 
 def mmbench_submission(questions_path, answers_path, out_path):
@@ -661,12 +848,7 @@ def mmbench_submission(questions_path, answers_path, out_path):
     "prediction" column inserted at position 6 (after index, question, A-D) holding each row's answer text (the last
     round's, as LLaVA's loop leaves it), pandas' NaN cells empty, as an .xlsx."""
     columns, rows = read_mmbench(questions_path)
-    indices = {row["index"] for row in rows}
-    predictions = {}
-    for a in read_jsonl(answers_path):
-        if int(a["question_id"]) not in indices:
-            raise DataError(f"{answers_path}: question {a['question_id']} is not in {questions_path}")
-        predictions[int(a["question_id"])] = a["text"]
+    predictions = {index: text for index, _, text in mmbench_answers(answers_path, questions_path, rows)}
     header = [c for c in columns if c not in ("hint", "category", "source", "image", "comment", "l2-category")]
     header.insert(6, "prediction")
     table = [[row["index"] if c == "index" else predictions.get(row["index"]) if c == "prediction" else
@@ -685,7 +867,7 @@ def submission_flag(p, ext="json"):
 
 def submission_path(args, ext="json"):
     answers = args.answers[0] if isinstance(args.answers, list) else args.answers
-    return args.submission or answers.rsplit(".", 1)[0] + f".submission.{ext}"
+    return args.submission or beside(answers, f".submission.{ext}")
 
 
 def mmbench_submit_flags(p):
@@ -701,10 +883,17 @@ def mmbench_submit_flags(p):
 def score_seed(annotations_path, answers_path):
     """LLaVA's rule: right only if the answer is exactly the key's letter (no extraction: "A." is wrong); accuracy per
     question type and over the image and the video questions of SEED-Bench.json. LLaVA reports image_accuracy."""
-    with open(annotations_path) as f:
-        seed = json.load(f)
+    seed = require(read_json(annotations_path), {"question_type": dict, "questions": list}, annotations_path)
+    require(seed["question_type"], dict.fromkeys(seed["question_type"], int), f"{annotations_path}, question_type")
     names = {number: name for name, number in seed["question_type"].items()}
-    questions = seed["questions"]
+    questions = entries(seed, "questions", annotations_path, question_id=ID, answer=str, question_type_id=int,
+                        data_type=str)
+    for q in questions:
+        if q["question_type_id"] not in names:
+            raise DataError(f"{annotations_path}, question {q['question_id']!r}: question_type_id "
+                            f"{q['question_type_id']} is not one of its question_type ids {sorted(names)[:12]}")
+    if not questions:
+        raise DataError(f"{annotations_path}: no questions; is it SEED-Bench.json?")
     answers = answers_by_id(answers_path, [q["question_id"] for q in questions])
     counts = defaultdict(lambda: [0, 0])  # type or data type -> [right, total]
     for q in questions:
@@ -735,7 +924,7 @@ def seed_flags(p):
 
 def mmvet_results(answers_path, metadata):
     """scripts/convert_mmvet_for_eval.py: {"v1_{question_id}": answer text}, the results file MM-Vet's grader reads."""
-    results = {f"v1_{a['question_id']}": a["text"] for a in read_jsonl(answers_path)}
+    results = {f"v1_{a['question_id']}": a["text"] for a in read_jsonl(answers_path, question_id=ID, text=str)}
     unknown = sorted(set(results) - set(metadata)) if metadata is not None else []
     if unknown:
         raise DataError(f"{answers_path}: {len(unknown)} answers to questions MM-Vet does not have, e.g. {unknown[:3]}")
@@ -776,13 +965,32 @@ def mmvet_scores(metadata, grades, runs):
 
 def score_mmvet(args):
     """Grades what the grade file lacks (the API is asked only then), then scores the grades."""
-    with open(args.mmvet_json) as f:
-        metadata = json.load(f)
+    metadata = keyed(read_json(args.mmvet_json), args.mmvet_json, question=str, capability=list)
+    for sample_id, sample in metadata.items():  # its "answer", the key, is read only if it is to be graded
+        if not all(isinstance(c, str) for c in sample["capability"]) or not isinstance(sample.get("answer", ""), str):
+            raise DataError(f"{args.mmvet_json}, {sample_id!r}: 'capability' must be a list of names, 'answer' a "
+                            "string")
     results = mmvet_results(args.answers, metadata)
     missing = missing_report(list(metadata), results)
-    grades_path = args.grades or args.answers.rsplit(".", 1)[0] + ".mmvet-grades.json"
-    grades = judge.grade_mmvet(metadata, results, grades_path, args.runs, args)
+    grades_path = args.grades or beside(args.answers, ".mmvet-grades.json")
+    grades = read_mmvet_grades(grades_path) if os.path.exists(grades_path) else {}
+    grades = judge.grade_mmvet(metadata, results, grades, args.runs, args,
+                               lambda grades: atomic_write(grades_path, lambda f: json.dump(grades, f, indent=4)))
     return {**mmvet_scores(metadata, grades, args.runs), "grades": grades_path, "missing": missing}
+
+
+def read_mmvet_grades(path):
+    """MM-Vet's grade file, {id: {"model", "content", "score"}: a list each, an entry per run}, checked."""
+    document = read_json(path)
+    if not isinstance(document, dict):
+        raise DataError(f"{path}: expected MM-Vet's grade file, a JSON object {{id: grades}}; is it the file you "
+                        "meant?")
+    grades = {k: require(v, {"model": list, "content": list, "score": list}, f"{path}, {k!r}")
+              for k, v in document.items()}
+    for sample_id, grade in grades.items():
+        if not all(isinstance(s, (int, float)) and 0 <= s <= 1 for s in grade["score"]):
+            raise DataError(f"{path}, {sample_id!r}: 'score' must be a list of numbers from 0 to 1")
+    return grades
 
 
 def mmvet_flags(p):
@@ -790,15 +998,15 @@ def mmvet_flags(p):
     p.add_argument("--mmvet-json", required=True, help="MM-Vet's mm-vet.json: each sample's question, key, "
                                                        "capabilities")
     p.add_argument("--grades", help="MM-Vet's grade file, read and extended (default: next to the answers)")
-    p.add_argument("--runs", type=int, default=1, help="grading runs (MM-Vet's paper: 5; LLaVA's files: 1 and 3)")
+    p.add_argument("--runs", type=positive_int, default=1, help="grading runs (MM-Vet's paper: 5; LLaVA's files: 1 "
+                                                              "and 3)")
     judge.add_endpoint_flags(p, "gpt-4-0613")
 
 
 def mmvet_submission(answers_path, out_path):
     """The results file for MM-Vet's own grader (its notebook or online evaluator), as convert_mmvet_for_eval.py."""
     results = mmvet_results(answers_path, None)
-    with open(out_path, "w") as f:
-        json.dump(results, f, indent=2)
+    atomic_write(out_path, lambda f: json.dump(results, f, indent=2))
     return {"submission": out_path, "answers": len(results)}
 
 
@@ -817,18 +1025,17 @@ def vqav2_submission(answer_paths, questions_path, test_path, out_path):
     """The answer files (per chunk, merged in order, a later line winning, as LLaVA's cat into merge.jsonl and dict
     do) normalised by EvalAI's answer processor, one {question_id, answer} for every question of the full test2015
     file, "" where test-dev has no answer (LLaVA's converter fills the rest of test2015 the same way)."""
-    test_dev = [q["question_id"] for q in read_jsonl(questions_path)]
+    test_dev = [q["question_id"] for q in read_questions(questions_path, question_id=ID)]
     answers = {}
     for path in answer_paths:
         answers.update(answers_by_id(path, test_dev))
-    test = [q["question_id"] for q in read_jsonl(test_path)]
+    test = [q["question_id"] for q in read_questions(test_path, question_id=ID)]
     outside = len(set(map(str, test_dev)) - set(map(str, test)))
     if outside:
         raise DataError(f"{questions_path}: {outside} questions are not in {test_path}; is that the full test2015 "
                         "file (llava_vqav2_mscoco_test2015.jsonl)?")
     rows = [{"question_id": q, "answer": normalize_answer(answers[str(q)]) if str(q) in answers else ""} for q in test]
-    with open(out_path, "w") as f:
-        json.dump(rows, f)
+    atomic_write(out_path, lambda f: json.dump(rows, f))
     return {"submission": out_path, "rows": len(rows), "test_dev": len(test_dev), "answered": len(answers),
             "missing": missing_report(test_dev, answers)}
 
@@ -846,12 +1053,11 @@ def vqav2_submit_flags(p):
 def vizwiz_submission(questions_path, answers_path, out_path):
     """{image, answer} per question of llava_test.jsonl, in its order, the answer normalised by EvalAI's answer
     processor; "" for a question without an answer (LLaVA's converter stops there instead)."""
-    questions = read_jsonl(questions_path)
+    questions = read_questions(questions_path, question_id=ID, image=str)
     answers = answers_by_id(answers_path, [q["question_id"] for q in questions])
     rows = [{"image": q["image"], "answer": normalize_answer(answers[str(q["question_id"])])
              if str(q["question_id"]) in answers else ""} for q in questions]
-    with open(out_path, "w") as f:
-        json.dump(rows, f)
+    atomic_write(out_path, lambda f: json.dump(rows, f))
     return {"submission": out_path, "rows": len(rows),
             "missing": missing_report([q["question_id"] for q in questions], answers)}
 

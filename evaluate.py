@@ -20,8 +20,9 @@
 `run` reads LLaVA's question files (JSON lines {question_id, image, text, category}, the conversation-format
 JSON list of ScienceQA, or MMBench's TSV with its images inside) and writes LLaVA's answer schema {question_id,
 prompt, text, answer_id, model_id, metadata} (MMBench's adds round_id, options, option_char), a line per answer,
-flushed as it goes: a crash loses nothing, and a re-run skips the questions already answered. Decoding is
-LLaVA-1.5's benchmark setting (its scripts/v1_5/eval/*.sh): greedy, the model's own template (vicuna_v1),
+flushed as it goes: a crash loses nothing, and a re-run skips the questions already answered (another model's
+answers file is refused). The question file, its images and the answers file are checked before the model loads.
+Decoding is LLaVA-1.5's benchmark setting (its scripts/v1_5/eval/*.sh): greedy, the model's own template (vicuna_v1),
 "<image>\\n" first in the question.
 
 `score NAME` prints a table and writes the metrics as JSON (--out). The rules are in benchmarks.py, one section per
@@ -38,8 +39,9 @@ import os
 import sys
 import uuid
 
-from benchmarks import BENCHMARKS, mmbench_questions, read_jsonl
-from data import IMAGE_TOKEN, DataError
+import generate
+from benchmarks import BENCHMARKS, ID, atomic_write, beside, mmbench_questions, read_questions, require, sqa_turn
+from data import IMAGE_TOKEN, DataError, UserError, load_image, process_image
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -52,17 +54,37 @@ def load_questions(path, suffix, all_rounds=False):
     (model_vqa_science), or an MMBench TSV (model_vqa_mmbench: the image is bytes, one question per round, see
     benchmarks.mmbench_questions). A "\\n" typed in the suffix is a newline."""
     suffix = suffix.replace("\\n", "\n")
-    if path.endswith(".tsv"):
+    if os.path.splitext(path)[1].lower() == ".tsv":
         return mmbench_questions(path, suffix, all_rounds)
     questions = []
-    for q in read_jsonl(path):
+    for n, q in enumerate(read_questions(path), 1):
         if "conversations" in q:
-            text = q["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip() + suffix
+            require(q, {"id": ID, "conversations": list}, f"{path}, question #{n}")
+            text = sqa_turn(q, 0, path).replace(IMAGE_TOKEN, "").strip() + suffix
             prompt = (IMAGE_TOKEN + "\n" if "image" in q else "") + text
-            questions.append((q["id"], q.get("image"), text, prompt, {}))
+            question = (q["id"], q.get("image"), text, prompt, {})
         else:
-            questions.append((q["question_id"], q.get("image"), q["text"] + suffix, q["text"] + suffix, {}))
+            require(q, {"question_id": ID, "text": str}, f"{path}, question #{n}")
+            question = (q["question_id"], q.get("image"), q["text"] + suffix, q["text"] + suffix, {})
+        if not isinstance(question[1], (str, type(None))):
+            raise DataError(f"{path}, question {question[0]!r}: 'image' is {question[1]!r:.60}, not a file name")
+        questions.append(question)
     return questions
+
+
+def image_source(question, folder, path):
+    """What load_image opens for a question: MMBench's bytes, or the file under --image-folder. A file name that
+    leaves the folder (an absolute path, "..") is refused: a question file says which image, not where on disk."""
+    qid, image = question[0], question[1]
+    if isinstance(image, bytes):
+        return io.BytesIO(image)
+    if os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == os.pardir:
+        raise DataError(f"{path}, question {qid!r}: the image {image!r} is outside --image-folder; image names are "
+                        "relative to it")
+    file = os.path.join(folder, image)
+    if not os.path.isfile(file):
+        raise DataError(f"{path}, question {qid!r}: image file {file} does not exist; check --image-folder")
+    return file
 
 
 def chunk(questions, n, k):
@@ -78,39 +100,65 @@ def answer_key(question_id, round_id, prompt):
 
 
 def answered(path):
-    """The questions already in an answers file. A last line cut short by a crash is dropped from the file."""
+    """{answer key: model_id} of the answers already in an answers file, which run appends to. The file is checked
+    whole before it is touched: a malformed line, or one that is no answer, is an error naming it (it may be another
+    file given as --answers). Then a last line cut short by a crash (no newline, not JSON) is cut off the file with
+    os.truncate, which removes those bytes alone: a crash during the repair cannot lose an earlier answer."""
     if not os.path.exists(path):
-        return set()
+        return {}
     with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        with open(path, "wb") as f:
-            f.write(data[:data.rfind(b"\n") + 1])
-    if not data.strip():
-        return set()
-    return {answer_key(a["question_id"], a.get("round_id"), a.get("prompt")) for a in read_jsonl(path)}
+        lines = f.read().split(b"\n")  # the last item: what follows the last newline, b"" in a whole file
+    done, cut = {}, None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            a = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            if n == len(lines):  # cut by a crash mid-line
+                cut = len(line)
+                break
+            raise DataError(f"{path}, line {n}: not a JSON answer line; is --answers an answers file of "
+                            "`evaluate.py run`?") from None
+        require(a, {"question_id": ID}, f"{path}, line {n}")
+        if not isinstance(a.get("prompt", ""), str) or not isinstance(a.get("round_id", 0), int):
+            raise DataError(f"{path}, line {n}: 'prompt' must be a string, 'round_id' an integer")
+        done[answer_key(a["question_id"], a.get("round_id"), a.get("prompt"))] = a.get("model_id")
+    if cut is not None:
+        print(f"warning: {path}: dropping its last line, cut short by an interrupted run", file=sys.stderr)
+        os.truncate(path, os.path.getsize(path) - cut)
+    elif lines[-1].strip():  # a whole last answer without its newline (an edited file): give it one
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return done
 
 
 def run(args):
+    """Answer --questions into --answers. Everything a user can get wrong is checked before the model loads: the
+    question file, each question's image (it exists, under --image-folder), the answers file it appends to."""
     import torch
     from tqdm import tqdm
 
-    import generate
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, fmt, processor = generate.load(args.model, torch.bfloat16 if device == "cuda" else torch.float32, device)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
     questions = chunk(load_questions(args.questions, args.suffix, args.all_rounds), args.num_chunks, args.chunk_idx)
     done = answered(args.answers)
+    others = sorted({str(m) for m in done.values() if m is not None} - {model_id})
+    if others:
+        raise UserError(f"--answers {args.answers}: it holds answers of the model {others[0]!r}, this run is "
+                        f"{model_id!r}; name another answers file (or pass --model-id {others[0]} if it is this model)")
     todo = [q for q in questions if answer_key(q[0], q[4].get("round_id"), q[3]) not in done]
+    images = [image_source(q, args.image_folder, args.questions) if q[1] else None for q in todo]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, fmt, processor = generate.load(args.model, torch.bfloat16 if device == "cuda" else torch.float32, device)
     os.makedirs(os.path.dirname(os.path.abspath(args.answers)), exist_ok=True)
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="answering")
     with open(args.answers, "a") as out:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            images = [io.BytesIO(q[1]) if isinstance(q[1], bytes) else os.path.join(args.image_folder, q[1])
-                      for q in batch if q[1]]
-            pixel_values = generate.prepare_images(images, processor, model.config.image_aspect_ratio)
+            pixel_values = [process_image(load_image(image, f"{args.questions}, question {q[0]!r}"), processor,
+                                          model.config.image_aspect_ratio)
+                            for q, image in zip(batch, images[start:start + args.batch_size]) if image is not None]
+            pixel_values = torch.stack(pixel_values) if pixel_values else None
             conversations = [[{"role": "user", "content": (IMAGE_TOKEN + "\n" if q[1] else "") + q[2]}] for q in batch]
             texts = generate.answer(model, fmt, conversations, pixel_values, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature)
@@ -148,15 +196,41 @@ def score(args):
     metrics = BENCHMARKS[args.benchmark].score(args)
     first = args.answers or args.reviews[0]
     first = first[0] if isinstance(first, list) else first  # vqav2_submit merges several answer files
-    out = args.out or first.rsplit(".", 1)[0] + f".{args.benchmark}-scores.json"
-    with open(out, "w") as f:
-        json.dump(metrics, f, indent=2)
+    out = args.out or beside(first, f".{args.benchmark}-scores.json")
+    atomic_write(out, lambda f: json.dump(metrics, f, indent=2))
     print_table(args.benchmark, metrics)
     return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
+
+
+# The flags naming what is read, and whether each is a file or a folder: checked before anything runs
+INPUTS = {"questions": "file", "image_folder": "folder", "annotations": "file", "labels": "folder",
+          "mme_root": "folder", "reviews": "file", "context": "file", "reference": "file", "rules": "file",
+          "mmvet_json": "file", "test_questions": "file"}
+OUTPUTS = ("out", "submission", "grades")  # score's files written (--answers is run's)
+
+
+def check_paths(args):
+    """Each file or folder a flag names exists and is one; no output is an input it would overwrite (`--out` the
+    answers, `run --answers` the questions)."""
+    kinds = {**INPUTS, "answers": "file"} if args.command == "score" else INPUTS
+    named = []
+    for name, kind in kinds.items():
+        value = getattr(args, name, None)
+        for path in value if isinstance(value, list) else [value] if value else []:
+            flag = "--" + name.replace("_", "-")
+            if not (os.path.isdir(path) if kind == "folder" else os.path.isfile(path)):
+                problem = f"no such {kind}" if not os.path.exists(path) else f"not a {kind}"
+                raise UserError(f"{flag} {path}: {problem}; check the path")
+            named.append((flag, path))
+    outputs = [(n, getattr(args, n, None)) for n in OUTPUTS] if args.command == "score" else [("answers", args.answers)]
+    for name, out in outputs:
+        for flag, path in named:
+            if out and os.path.exists(out) and os.path.samefile(out, path):
+                raise UserError(f"--{name} {out}: it is {flag}, which it would overwrite; name another file")
 
 
 def main(argv=None):
@@ -173,11 +247,13 @@ def main(argv=None):
                                                '("\\n" is a newline)')
     r.add_argument("--all-rounds", action="store_true", help="MMBench TSV: ask each question once per rotation of its "
                                                               "options (LLaVA's --all-rounds; its v1.5 scripts don't)")
-    r.add_argument("--num-chunks", type=int, default=1, help="answer only chunk --chunk-idx of this many (one per GPU)")
-    r.add_argument("--chunk-idx", type=int, default=0)
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--max-new-tokens", type=int, default=128, help="LLaVA: 128 (short answers), 1024 (SQA, Bench)")
-    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--num-chunks", type=generate.positive_int, default=1,
+                   help="answer only chunk --chunk-idx of this many (one per GPU)")
+    r.add_argument("--chunk-idx", type=generate.non_negative_int, default=0)
+    r.add_argument("--batch-size", type=generate.positive_int, default=8)
+    r.add_argument("--max-new-tokens", type=generate.positive_int, default=128,
+                   help="LLaVA: 128 (short answers), 1024 (SQA, Bench)")
+    r.add_argument("--temperature", type=generate.non_negative_float, default=0.0)
     r.add_argument("--model-id", default=None)
     s = sub.add_parser("score", help="score an answers file", description="Score an answers file the way LLaVA did. "
                        "`evaluate.py score NAME --help` lists NAME's flags.")
@@ -187,10 +263,13 @@ def main(argv=None):
         benchmark.add_flags(b)
         b.add_argument("--out", help="metrics JSON (default: next to the answers)")
     args = p.parse_args(argv)
+    if args.command == "run" and args.chunk_idx >= args.num_chunks:
+        r.error(f"argument --chunk-idx: must be below --num-chunks ({args.num_chunks}), got {args.chunk_idx}")
     try:
+        check_paths(args)
         return run(args) if args.command == "run" else score(args)
-    except (DataError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    except generate.USER_ERRORS as e:
+        generate.exit_with(e)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,16 @@ greedy.
 
 import argparse
 import inspect
+import math
+import os
 import sys
 
 import torch
+from huggingface_hub.errors import HFValidationError
 from transformers import DynamicCache, StaticCache
 
 import checkpoints
-from data import IMAGE_TOKEN, ChatFormat, DataError, load_image, load_tokenizer_and_processor, process_image
+from data import IMAGE_TOKEN, ChatFormat, UserError, load_image, load_tokenizer_and_processor, process_image
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -237,35 +240,93 @@ def first_turn(question, n_images):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line: flag types and errors shared by generate.py, evaluate.py and tools/convert.py
+
+# What a command line reports in one line instead of a traceback: what the user got wrong (UserError), and the errors
+# of the files, folders and hub repos they named (OSError, the hub's HTTP errors among them; HFValidationError, a
+# malformed repo id).
+USER_ERRORS = (UserError, OSError, HFValidationError)
+
+
+def exit_with(error):
+    """How a command line stops on bad input: `error: ...` on stderr, exit status 2 (argparse's), no traceback."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def flag_type(convert, ok, wanted):
+    """An argparse type: convert(text), refused unless ok(value), in argparse's words ("argument --top-k: must be a
+    positive integer, got '0'", exit status 2)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = flag_type(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = flag_type(int, lambda v: v >= 0, "an integer >= 0")
+non_negative_float = flag_type(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+probability = flag_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+seed = flag_type(int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")  # what torch.Generator takes
+
+
+def check_image(path, where):
+    """Read an image the user named now, so that a wrong path is said before the model loads (or, in the chat, when
+    the command is given), not at the next question. `where` names the flag or command. The file is read as the
+    model will read it, by data.load_image (which refuses formats whose decoders run other programs)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{where} {path}: no such file; check the path")
+    load_image(path, where)
+
+
+COMMANDS = "commands: /image PATH, /reset, /quit"
+
+
+def about(images):
+    return f" about {images[0]}" if images else ""
 
 
 def chat(model, fmt, processor, decoder, args):
-    """A multi-turn conversation on stdin/stdout, streaming each reply as it is generated."""
+    """A multi-turn conversation on stdin/stdout, streaming each reply as it is generated. A line starting with "/" is
+    a command; "//" sends a message that starts with "/"."""
     images, messages = [args.image] if args.image else [], []
-    print("Chat with the model. /image PATH starts over with another image, /reset forgets, /quit ends.", flush=True)
+    print("Chat with the model. /image PATH starts over with another image, /reset forgets, /quit ends; a message "
+          "starting with / is typed //.", flush=True)
     while True:
         try:
             line = input("USER: ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt ends the chat
+            print(flush=True)
             break
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset" or line.startswith("/image "):
-            messages = []
-            images = [line.split(" ", 1)[1].strip()] if line.startswith("/image ") else images
-            print(f"(new conversation{' about ' + images[0] if images else ''})", flush=True)
-            continue
         if not line:
             continue
-        try:
-            pixel_values = prepare_images(images, processor, model.config.image_aspect_ratio)
-        except DataError as e:
-            print(f"error: {e}", flush=True)
-            images = []
+        if line.startswith("/") and not line.startswith("//"):
+            name, _, path = line.partition(" ")
+            path = path.strip()
+            if name in ("/quit", "/exit"):
+                break
+            if name == "/image" and path:
+                try:
+                    check_image(path, "/image")
+                except UserError as e:  # the conversation goes on as it was
+                    print(f"error: {e} (the conversation goes on{about(images)})", flush=True)
+                    continue
+                images = [path]
+            elif name != "/reset":
+                problem = "/image needs a PATH" if name == "/image" else f"unknown command {name}"
+                print(f"{problem}; {COMMANDS} (type // to send a message starting with /)", flush=True)
+                continue
+            messages = []
+            print(f"(new conversation{about(images)})", flush=True)
             continue
-        content = first_turn(line, len(images)) if not messages else line
-        messages.append({"role": "user", "content": content})
+        line = line[1:] if line.startswith("//") else line
+        pixel_values = prepare_images(images, processor, model.config.image_aspect_ratio)
+        messages.append({"role": "user", "content": first_turn(line, len(images)) if not messages else line})
         print("ASSISTANT: ", end="", flush=True)
         shown = [""]
         new_ids = []
@@ -277,9 +338,14 @@ def chat(model, fmt, processor, decoder, args):
                 print(text[len(shown[0]):], end="", flush=True)
                 shown[0] = text
 
-        reply = answer(model, fmt, [messages], pixel_values, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                       on_token=stream, decoder=decoder)[0]
+        try:
+            reply = answer(model, fmt, [messages], pixel_values, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                           on_token=stream, decoder=decoder)[0]
+        except ValueError as e:  # the conversation has outgrown the LLM's context: say so, keep the chat
+            messages.pop()
+            print(f"\nerror: {e}; or /reset to start over", flush=True)
+            continue
         print(flush=True)
         messages.append({"role": "assistant", "content": reply})
 
@@ -290,23 +356,27 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="a checkpoint directory of pretrain.py or finetune.py")
     p.add_argument("--image", help="an image file")
     p.add_argument("--chat", action="store_true", help="hold a multi-turn conversation")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=non_negative_float, default=0.2, help="0 = greedy")
+    p.add_argument("--top-p", type=probability, default=None)
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=512)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--compile", action="store_true",
                    help="static KV cache + torch.compile of the decoding step (CUDA graphs on a GPU): slow to start, "
                         "fast per token")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")
     args = p.parse_args(argv)
+    if args.chat and args.prompt is not None:
+        p.error("--chat reads its questions from the terminal: drop the question, or drop --chat")
+    if not args.chat and not (args.prompt or "").strip():
+        p.error("an empty prompt: pass a question, or --chat")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     try:
-        if not args.chat and not (args.prompt or "").strip():
-            raise ValueError("an empty prompt: pass a question, or --chat")
+        if args.image:
+            check_image(args.image, "--image")  # before the model loads, which takes a while
         model, fmt, processor = load(args.model, dtype, device)
         decoder = StaticDecoder(model) if args.compile else Decoder(model)
         if args.chat:
@@ -316,8 +386,8 @@ def main(argv=None):
         print(answer(model, fmt, [messages], pixel_values, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                      decoder=decoder)[0])
-    except (DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (*USER_ERRORS, ValueError) as e:  # ValueError: a prompt longer than the LLM's context
+        exit_with(e)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,25 @@ It replies with a line "score1 score2" and an explanation. LLaVA's settings: gpt
 new tokens. A run writes one review file in LLaVA's format {id, question_id, answer1_id, answer2_id, category, content,
 tuple}; benchmarks.py turns the reviews into the relative score (llava/eval/summarize_gpt_review.py).
 
-The API key is read from an environment variable (--judge-key-env) and only ever sent in the Authorization header:
-it is not printed, logged or written to any file.
+The API key is read from an environment variable (--judge-key-env) and only ever sent in the Authorization header, to
+the --judge-endpoint alone: redirects are not followed (urllib would send the header on to wherever one points), and
+nothing the server answers is printed before the key is struck out of it. It is not logged or written to any file.
+The files are read and written by benchmarks.py; this file asks.
 """
 
+import argparse
+import http.client
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
-from data import DataError, read_samples
+from data import UserError
+from generate import non_negative_float, non_negative_int, positive_int
 
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 # LLaVA's llava/eval/table/rule.json, llava_bench_{conv,detail,complex}; --rules reads the file itself.
@@ -55,33 +62,110 @@ def api_key(args):
     """The judge's API key, from the environment variable --judge-key-env names (never a flag: it would be logged)."""
     key = os.environ.get(args.judge_key_env, "")
     if not key:
-        raise SystemExit(f"the judge needs an API key in the environment variable {args.judge_key_env}")
+        raise UserError(f"--judge-key-env {args.judge_key_env}: the environment variable is not set; export the "
+                        "judge's API key in it")
     return key
+
+
+def endpoint_problem(endpoint):
+    """What keeps the key from being sent to `endpoint`, or None: it must be an http(s) URL with a host and nothing
+    after its path (the client appends /chat/completions); not file://, a bare host name, credentials in the URL."""
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return "not an http(s) URL; pass an OpenAI-compatible API base URL, e.g. https://api.openai.com/v1"
+    if url.username or url.password or url.query or url.fragment:
+        return "a URL with credentials, a query or a fragment; pass the API base URL alone (the key: --judge-key-env)"
+    return None
+
+
+def endpoint_flag(text):
+    """--judge-endpoint's argparse type: a bad value (or $JUDGE_ENDPOINT) is refused as the command line is read."""
+    problem = endpoint_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx stays an HTTPError: following it would send the Authorization header to another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+OPENER = urllib.request.build_opener(NoRedirects)
+MAX_BODY = 2**24  # what is read of a reply: a completion of 1,024 tokens is some kB; an endpoint sending more is wrong
+
+
+def redacted(text, key, limit=200):
+    """What a server said, safe to print: the key struck out (and any 8+ character piece of it, or word holding
+    it), whitespace folded, cut to `limit` characters."""
+    text = " ".join(text.replace(key, "***").split()) if key else " ".join(text.split())
+    if key:
+        text = re.sub(r"[\w\-+/=]{8,}", lambda m: "***" if m.group() in key or key in m.group() else m.group(), text)
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def error_message(body, key):
+    """An error response's message: OpenAI's {"error": {"message"}} when it is that, else the text; redacted."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    message = error.get("message") if isinstance(error, dict) else error
+    return redacted(message if isinstance(message, str) else text, key)
+
+
+def completion_text(body, endpoint):
+    """The reply's text from a chat completion body, or an error saying what came instead."""
+    try:
+        content = json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise UserError(f"judge endpoint {endpoint} answered HTTP 200 but not with a chat completion; is it an "
+                        "OpenAI-compatible API base URL (e.g. https://api.openai.com/v1)?") from None
+    if not isinstance(content, str):
+        raise UserError(f"judge endpoint {endpoint} sent a completion without text (content {content!r:.40}); "
+                        "a refusal or a content filter; try again, or another --judge-model")
+    return content
 
 
 def chat_completion(messages, endpoint, model, api_key, temperature=0.2, max_tokens=1024, retries=5, backoff=2.0,
                     timeout=120):
     """One reply from an OpenAI-compatible /chat/completions endpoint, standard library only. Retries connection
     errors, 429 and 5xx with exponential back-off (a judge run is hundreds of requests; one busy minute should not lose
-    it). Other HTTP errors (a wrong key, a wrong model name) fail at once: retrying cannot fix them."""
+    it). Other answers fail at once, retrying cannot fix them: an HTTP error (a wrong key, a wrong model name), a
+    redirect (the key goes to the endpoint named, nowhere else), a 200 that is not a chat completion (a wrong URL)."""
+    refused = endpoint_problem(endpoint)
+    if refused:
+        raise UserError(f"--judge-endpoint {endpoint!r}: {refused}")
     body = json.dumps({"model": model, "messages": messages, "temperature": temperature,
                        "max_tokens": max_tokens}).encode()
-    request = urllib.request.Request(endpoint.rstrip("/") + "/chat/completions", data=body, method="POST",
+    url = endpoint.rstrip("/") + "/chat/completions"
+    request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
     for attempt in range(retries + 1):
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.load(response)["choices"][0]["message"]["content"]
+            with OPENER.open(request, timeout=timeout) as response:
+                return completion_text(response.read(MAX_BODY), endpoint)
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                to = urllib.parse.urlsplit(urllib.parse.urljoin(url, e.headers.get("Location", "")))
+                raise UserError(f"judge endpoint {endpoint} redirects (HTTP {e.code}) to "
+                                f"{to.scheme}://{to.netloc.rpartition('@')[2]}{to.path}; the key is not sent on: "
+                                "pass the final URL (without /chat/completions) as --judge-endpoint") from None
             if e.code != 429 and e.code < 500:
-                raise RuntimeError(f"judge endpoint {endpoint} answered HTTP {e.code}: {e.read()[:300]!r}") from None
+                said = error_message(e.read(MAX_BODY), api_key)
+                raise UserError(f"judge endpoint {endpoint} answered HTTP {e.code}: {said}; check --judge-endpoint, "
+                                "--judge-model and the key in --judge-key-env") from None
             problem = f"HTTP {e.code}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            problem = str(getattr(e, "reason", e))
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
+            problem = redacted(str(getattr(e, "reason", e)), api_key)
         if attempt < retries:
             print(f"judge: {problem}; retrying in {backoff * 2 ** attempt:.0f} s", file=sys.stderr)
             time.sleep(backoff * 2 ** attempt)
-    raise RuntimeError(f"judge endpoint {endpoint}: still failing after {retries} retries ({problem})")
+    raise UserError(f"judge endpoint {endpoint}: still failing after {retries} retries ({problem}); check that it is "
+                    "up and reachable, or raise --judge-retries")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -98,22 +182,16 @@ def review_prompt(caption, question, reference, answer, rule):
             f"[System]\n{rule['prompt']}\n\n")
 
 
-def judge_llava_bench(args, run):
-    """One judge run over the --questions: a review line per question, GPT-4's reference as Assistant 1. Writes
-    --reviews-dir/<answers file>-eval<run>.jsonl and returns its path."""
-    questions = read_samples(args.questions)[0]
-    context = {c["image"]: c["caption"] for c in read_samples(args.context)[0]}
-    reference = {str(a["question_id"]): a for a in read_samples(args.reference)[0]}
-    answers = {str(a["question_id"]): a for a in read_samples(args.answers)[0]}
-    rules = json.load(open(args.rules)) if args.rules else {}
+def judge_llava_bench(questions, captions, reference, answers, rules, args):
+    """One judge run over the questions: a review per question, GPT-4's reference as Assistant 1. The inputs as
+    benchmarks.judge_and_score reads and checks them: the question file's records, image -> caption, question_id
+    (a str) -> the reference's and the model's answer records, and LLaVA's rule.json ({} for the built-in rule)."""
     key = api_key(args)
     reviews = []
     for i, q in enumerate(questions):
         qid = str(q["question_id"])
-        if qid not in reference or qid not in answers:
-            raise DataError(f"question {qid}: no {'reference' if qid not in reference else 'model'} answer")
         rule = rules.get(f"llava_bench_{q['category']}", {"prompt": JUDGE_RULE, "role": "Assistant"})
-        content = review_prompt(context[q["image"]], q["text"], reference[qid]["text"], answers[qid]["text"], rule)
+        content = review_prompt(captions[q["image"]], q["text"], reference[qid]["text"], answers[qid]["text"], rule)
         reply = chat_completion([{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}],
                                 args.judge_endpoint, args.judge_model, key, retries=args.judge_retries,
                                 backoff=args.judge_backoff)
@@ -121,11 +199,7 @@ def judge_llava_bench(args, run):
                         "answer1_id": reference[qid].get("answer_id", q["question_id"]),
                         "answer2_id": answers[qid].get("answer_id"), "category": f"llava_bench_{q['category']}",
                         "content": reply, "tuple": parse_review(reply)})
-    os.makedirs(args.reviews_dir, exist_ok=True)
-    path = os.path.join(args.reviews_dir, f"{os.path.basename(args.answers).rsplit('.', 1)[0]}-eval{run}.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in reviews)
-    return path
+    return reviews
 
 
 def add_flags(p):
@@ -136,7 +210,7 @@ def add_flags(p):
     g.add_argument("--reference", help="GPT-4's answers (answers_gpt4.jsonl), shown as Assistant 1")
     g.add_argument("--answers", help="the model's answers (from `evaluate.py run`), shown as Assistant 2")
     g.add_argument("--rules", help="LLaVA's llava/eval/table/rule.json (default: its rule, built in)")
-    g.add_argument("--runs", type=int, default=3, help="judge runs; LLaVA reports the mean of 3")
+    g.add_argument("--runs", type=positive_int, default=3, help="judge runs; LLaVA reports the mean of 3")
     g.add_argument("--reviews-dir", default="reviews", help="where each run's review file goes")
     endpoint_flags(g, "gpt-4-0314")
 
@@ -148,13 +222,15 @@ def add_endpoint_flags(p, default_model):
 
 def endpoint_flags(g, default_model):
     """Where the judge is and how it is asked: what chat_completion needs, and the key's environment variable."""
-    g.add_argument("--judge-endpoint", default=os.environ.get("JUDGE_ENDPOINT", "https://api.openai.com/v1"),
+    g.add_argument("--judge-endpoint", type=endpoint_flag,
+                   default=os.environ.get("JUDGE_ENDPOINT", "https://api.openai.com/v1"),
                    help="an OpenAI-compatible API base URL (default: $JUDGE_ENDPOINT or OpenAI's)")
     g.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", default_model),
                    help=f"default {default_model}; another judge gives other numbers")
     g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="the environment variable holding the key")
-    g.add_argument("--judge-retries", type=int, default=5)
-    g.add_argument("--judge-backoff", type=float, default=2.0, help="seconds before the first retry, doubled each time")
+    g.add_argument("--judge-retries", type=non_negative_int, default=5)
+    g.add_argument("--judge-backoff", type=non_negative_float, default=2.0,
+                   help="seconds before the first retry, doubled each time")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -205,19 +281,19 @@ def grade_mmvet_sample(request, ask):
     return content.split(" ")[0].strip(), score
 
 
-def grade_mmvet(metadata, results, grades_path, runs, args):
-    """Grades every answered sample up to `runs` times, reading and extending MM-Vet's grade file {id: {"model" (the
-    name asked for), "content", "score"}: one entry per run} and rewriting it after each grade, so that a stopped run
-    resumes. Samples without an answer are not sent. The API key is looked up only when something is left to grade."""
-    grades = {}
-    if os.path.exists(grades_path):
-        with open(grades_path) as f:
-            grades = json.load(f)
+def grade_mmvet(metadata, results, grades, runs, args, save):
+    """Grades every answered sample up to `runs` times, extending `grades`, MM-Vet's grade file {id: {"model" (the
+    name asked for), "content", "score"}: one entry per run}, and calling save(grades) after each grade, so that a
+    stopped run resumes. Samples without an answer are not sent. The API key is looked up only when something is left
+    to grade."""
     key = None
     for run in range(runs):
         for sample_id, sample in metadata.items():
             if sample_id not in results or len(grades.get(sample_id, {}).get("score", [])) > run:
                 continue
+            if "answer" not in sample:
+                raise UserError(f"MM-Vet sample {sample_id}: no 'answer' (the key) to grade its answer against; is "
+                                "--mmvet-json MM-Vet's mm-vet.json?")
             if key is None:
                 key = api_key(args)
 
@@ -232,8 +308,5 @@ def grade_mmvet(metadata, results, grades_path, runs, args):
             grade["model"].append(args.judge_model)
             grade["content"].append(content)
             grade["score"].append(score)
-            os.makedirs(os.path.dirname(os.path.abspath(grades_path)), exist_ok=True)
-            with open(grades_path + ".tmp", "w") as f:
-                json.dump(grades, f, indent=4)
-            os.replace(grades_path + ".tmp", grades_path)
+            save(grades)
     return grades

@@ -20,7 +20,7 @@ from data import IMAGE_TOKEN_INDEX, VICUNA_SYSTEM, ChatFormat, UserError, load_i
 from checkpoints import projector_weights
 from model import LlavaConfig, LlavaModel
 from tools.convert import export_llava_hf, import_checkpoint
-from tools.tiny import llama_tokenizer, save_tiny_backbones
+from tools.tiny import llama_tokenizer, save_tiny_backbones, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -320,3 +320,29 @@ def test_a_damaged_stage1_projector_and_llava_hf_shard_are_named(reference, tmp_
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(UserError, match=r"checkpoint .*hf: its files cannot be read \(SafetensorError: "):
         checkpoints.load(str(tmp_path / "hf"))
+
+
+def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path, capsys):
+    """A source that does not exist, a checkpoint whose backbone folders have gone, an output that is the source: one
+    `error:` line and status 2, no traceback, nothing overwritten."""
+    from tools.convert import main
+
+    model = save_tiny_checkpoint(tmp_path)
+    config = (tmp_path / "model" / "config.json").read_bytes()
+    capsys.readouterr()  # the progress bars of saving it
+    gone = tmp_path / "moved"
+    (tmp_path / "vision").rename(gone)  # the tower the checkpoint names by path
+
+    def refused(*argv):
+        with pytest.raises(SystemExit) as exit_:
+            main(list(argv))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    assert "nowhere" in refused("export", str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert "vision" in refused("export", model, str(tmp_path / "out"))
+    gone.rename(tmp_path / "vision")
+    assert "it is the source" in refused("export", model, model)
+    assert "it is the source" in refused("import", model, model + "/")
+    assert (tmp_path / "model" / "config.json").read_bytes() == config and not (tmp_path / "out").exists()

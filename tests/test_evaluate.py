@@ -25,6 +25,16 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+def fails(capsys, argv, main=evaluate.main):
+    """main(argv) stops as a command line does on bad input: exit status 2, one `error: ...` line on stderr, no
+    traceback. Returns the line."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Published numbers
 
@@ -245,15 +255,14 @@ def test_gqa_lowercases_and_strips_the_trailing_period(tmp_path):
 def test_unknown_missing_and_malformed_answers(tmp_path, capsys):
     questions = f"{REF}/scienceqa/llava_test_CQM-A.json"
     unknown = write_jsonl(tmp_path / "u.jsonl", [{"question_id": "no-such-question", "text": "A"}])
-    with pytest.raises(SystemExit, match="1 answers to questions not in the question file"):
-        evaluate.main(["score", "scienceqa", "--questions", questions, "--answers", unknown,
-                       "--out", str(tmp_path / "m")])
+    assert "1 answers to questions not in the question file" in fails(capsys, [
+        "score", "scienceqa", "--questions", questions, "--answers", unknown, "--out", str(tmp_path / "m")])
     few = write_jsonl(tmp_path / "f.jsonl", [{"question_id": "4", "text": "B"}])
     metrics = benchmarks.score_scienceqa(questions, few)
     assert metrics["missing"] == 4240 and metrics["correct"] == 1 and "4240 of 4241" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"question_id": "4", "text": "B"}\n{"question_id": "5", "text": \n')
-    with pytest.raises(SystemExit, match="bad.jsonl: malformed JSON on line 2"):
-        evaluate.main(["score", "scienceqa", "--questions", questions, "--answers", str(tmp_path / "bad.jsonl")])
+    assert "bad.jsonl: malformed JSON on line 2" in fails(capsys, [
+        "score", "scienceqa", "--questions", questions, "--answers", str(tmp_path / "bad.jsonl")])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -288,7 +297,7 @@ def test_score_help_lists_only_that_benchmarks_flags(name, capsys):
     assert set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", help_text)) == BENCHMARK_FLAGS[name] | {"--help", "--out"}
 
 
-def test_score_knows_every_benchmark_and_rejects_what_it_does_not(capsys):
+def test_score_knows_every_benchmark_and_rejects_what_it_does_not(capsys, tmp_path):
     assert set(benchmarks.BENCHMARKS) == set(BENCHMARK_FLAGS)  # a new benchmark: add its flags above
     with pytest.raises(SystemExit) as exit:
         evaluate.main(["score", "nosuch", "--answers", "a.jsonl"])
@@ -300,8 +309,9 @@ def test_score_knows_every_benchmark_and_rejects_what_it_does_not(capsys):
     with pytest.raises(SystemExit) as exit:  # a required flag left out
         evaluate.main(["score", "pope", "--questions", "q.jsonl", "--answers", "a.jsonl"])
     assert exit.value.code == 2 and "the following arguments are required: --labels" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="missing: --context, --reference"):  # neither reviews nor a judge's inputs
-        evaluate.main(["score", "llava_bench", "--questions", "q.jsonl", "--answers", "a.jsonl"])
+    questions = write_jsonl(tmp_path / "q.jsonl", [])  # neither reviews nor a judge's inputs
+    assert "missing: --context, --reference" in fails(capsys, ["score", "llava_bench", "--questions", questions,
+                                                               "--answers", questions])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -400,8 +410,8 @@ def test_run_writes_llavas_schema_and_resumes(model_dir, tmp_path, crash_on_seco
     assert [(a["question_id"], a["text"]) for a in resumed] == [(a["question_id"], a["text"]) for a in straight]
 
 
-def test_run_reports_a_missing_image(model_dir, tmp_path):
+def test_run_reports_a_missing_image(model_dir, tmp_path, capsys):
     questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "nope.png", "text": "Q?"}])
-    with pytest.raises(SystemExit, match="nope.png does not exist"):
-        evaluate.main(["run", "--model", str(model_dir / "model"), "--questions", questions, "--image-folder",
-                       str(model_dir), "--answers", str(tmp_path / "a.jsonl")])
+    assert "q.jsonl, question 1: image file" in fails(capsys, [
+        "run", "--model", str(model_dir / "model"), "--questions", questions, "--image-folder", str(model_dir),
+        "--answers", str(tmp_path / "a.jsonl")])

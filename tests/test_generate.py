@@ -186,17 +186,70 @@ def test_chat_streams_and_loads_another_image(checkpoint, capsys, monkeypatch):
     assert out.count("ASSISTANT: ") == 3 and "(new conversation about" in out
 
 
+def refused(capsys, argv):
+    """generate.main(argv) stops as a command line does on bad input: status 2, the error on stderr, no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        generate.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "error: " in err and "Traceback" not in err, err
+    return err
+
+
 @pytest.mark.parametrize("args,message", [
-    (["--image", "{root}/missing.png", "Hi?"], "does not exist"),
-    (["--image", "{root}/corrupt.png", "Hi?"], "cannot read image"),
+    (["--image", "{root}/missing.png", "Hi?"], "--image {root}/missing.png: no such file"),
+    (["--image", "{root}", "Hi?"], "--image {root}: no such file"),  # a folder
+    (["--image", "{root}/corrupt.png", "Hi?"], "--image: cannot read image {root}/corrupt.png"),
     (["  "], "empty prompt"),
+    (["--chat", "Hi?"], "drop the question, or drop --chat"),
     (["word " * 400], "does not fit the LLM's context of 256"),
 ])
 def test_cli_refuses_bad_input_clearly(checkpoint, args, message, capsys):
     argv = ["--model", str(checkpoint / "model")] + [a.format(root=checkpoint) for a in args]
-    with pytest.raises(SystemExit) as exit_:
-        generate.main(argv)
-    assert message in str(exit_.value)
+    assert message.format(root=checkpoint) in refused(capsys, argv)
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--max-new-tokens", "0"), ("--max-new-tokens", "-3"), ("--max-new-tokens", "2.5"), ("--top-k", "0"),
+    ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--temperature", "-0.1"), ("--temperature", "nan"),
+    ("--temperature", "inf"), ("--seed", "-1"), ("--seed", str(2**64)),
+])
+def test_flags_out_of_range_are_refused_by_name(flag, value, capsys):
+    assert f"argument {flag}: must be" in refused(capsys, ["--model", "nowhere", flag, value, "Hi?"])
+
+
+def test_a_missing_image_is_said_before_the_model_loads(tmp_path, capsys):
+    err = refused(capsys, ["--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "missing.png"), "Hi?"])
+    assert "--image" in err and "missing.png" in err
+
+
+def test_chat_commands_check_their_image_and_refuse_what_they_do_not_know(checkpoint, capsys, monkeypatch):
+    """/image with a file that is not there says so at once and keeps the image; a line starting with / that is no
+    command is not sent to the model; // sends a message starting with /; /reset forgets."""
+    red = str(checkpoint / "red.png")
+    lines = iter(["What is this?", f"/image {checkpoint / 'missing.png'}", "/imagine a cat", "/image", "//etc/hosts?",
+                  f"/image {checkpoint / 'corrupt.png'}", "/reset", "Again?"])
+    asked = []
+
+    def answer(model, fmt, conversations, pixel_values, **kwargs):
+        asked.append(([m["content"] for m in conversations[0]], None if pixel_values is None else len(pixel_values)))
+        return ["fine"]
+
+    monkeypatch.setattr(generate, "answer", answer)
+    def read(prompt=""):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError  # Ctrl-D: the chat ends
+        return line
+
+    monkeypatch.setattr("builtins.input", read)
+    out = cli(capsys, "--model", str(checkpoint / "model"), "--image", red, "--chat")
+    assert f"error: /image {checkpoint / 'missing.png'}: no such file; check the path (the conversation goes on " \
+        f"about {red})" in out
+    assert "unknown command /imagine; commands: /image PATH, /reset, /quit" in out
+    assert "/image needs a PATH" in out and f"/image: cannot read image {checkpoint / 'corrupt.png'}" in out
+    assert asked == [(["<image>\nWhat is this?"], 1),
+                     (["<image>\nWhat is this?", "fine", "/etc/hosts?"], 1),  # the old image, the same conversation
+                     (["<image>\nAgain?"], 1)]
 
 
 def test_stage1_checkpoint_answers_with_the_base_llm(checkpoint, capsys, tmp_path):
@@ -235,3 +288,24 @@ def test_left_padding_positions_with_absolute_position_embeddings(tmp_path):
     together = generate.generate(model, batch, pixel_values, max_new_tokens=8)
     images = [None, pixel_values[:1], pixel_values[1:]]
     assert together == [generate.generate(model, [p], im, max_new_tokens=8)[0] for p, im in zip(batch, images)]
+
+
+def test_a_conversation_too_long_for_the_context_is_said_and_the_chat_goes_on(checkpoint, capsys, monkeypatch):
+    """The question that does not fit is dropped from the conversation, which goes on."""
+    lines, asked, answer = iter(["word " * 300, "Short?"]), [], generate.answer
+
+    def read(prompt=""):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    def recorded(model, fmt, conversations, *args, **kwargs):
+        asked.append([m["content"] for m in conversations[0]])
+        return answer(model, fmt, conversations, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.input", read)
+    monkeypatch.setattr(generate, "answer", recorded)
+    out = cli(capsys, "--model", str(checkpoint / "model"), "--chat", "--temperature", "0", "--max-new-tokens", "2")
+    assert "does not fit the LLM's context of 256" in out and "/reset" in out
+    assert len(asked) == 2 and asked[1] == ["Short?"]

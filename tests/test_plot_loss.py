@@ -7,6 +7,7 @@ import random
 import pytest
 from PIL import Image
 
+from data import UserError
 from tools import plot_loss as pl
 
 
@@ -87,25 +88,63 @@ def test_the_average_is_debiased_and_ticks_are_round():
     assert pl.nice_ticks(0, 2, min_step=1)[0] == [0, 1, 2]  # steps are whole numbers
 
 
-def test_the_reader_names_the_file_it_cannot_read(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere: no such file"):
+def test_the_reader_names_the_file_it_cannot_read(tmp_path, capsys):
+    with pytest.raises(UserError, match="nowhere: no such file"):
         pl.read_metrics(str(tmp_path / "nowhere"))
     (tmp_path / "run").mkdir()
-    with pytest.raises(FileNotFoundError, match="run/metrics.jsonl: no such file"):  # a run that has not started
+    with pytest.raises(UserError, match="run/metrics.jsonl: no such file"):  # a run that has not started
         pl.read_metrics(str(tmp_path / "run"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="empty.jsonl: no rows"):
+    with pytest.raises(UserError, match="empty.jsonl: no rows"):
         pl.read_metrics(str(empty))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss"\n{"step": 3, "loss": 1.0}\n')
-    with pytest.raises(ValueError, match="broken.jsonl, line 2: not JSON"):
+    with pytest.raises(UserError, match="broken.jsonl, line 2: not JSON"):
         pl.read_metrics(str(broken))
     no_loss = write_jsonl(tmp_path / "no_loss.jsonl", [{"step": 1, "lr": 0.1}])
-    with pytest.raises(ValueError, match="no_loss.jsonl, line 1: .*\"loss\""):
+    with pytest.raises(UserError, match="no_loss.jsonl, line 1: .*\"loss\""):
         pl.read_metrics(str(no_loss))
-    with pytest.raises(SystemExit, match="empty.jsonl: no rows"):  # the command line says the same, no traceback
-        pl.main([str(empty), "--out", str(tmp_path / "x.png")])
+    for argv in ([str(empty)], [str(broken)], [str(tmp_path / "run")], [str(tmp_path / "x.jsonl"), "--smooth", "0"],
+                 [str(no_loss), "--width", "-5"]):  # the command line says the same, no traceback
+        with pytest.raises(SystemExit) as exit:
+            pl.main(argv + ["--out", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and "Traceback" not in err and "error: " in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_cut_last_line_is_passed_over_and_said(tmp_path, capsys):
+    """A run killed mid-write leaves a cut line, with or without its newline (the kill came after a partial flush,
+    or the next write added one), or bytes that are not even UTF-8: only the last line may be such."""
+    for tail in ('{"step": 6, "lo', '{"step": 6, "lo\n', '{"step": 6, "loss": 1.\xff\x00\n\n'):
+        path = write_jsonl(tmp_path / "metrics.jsonl", curve(5))
+        with open(path, "ab") as f:
+            f.write(tail.encode("latin-1"))
+        assert [r["step"] for r in pl.read_metrics(str(path))] == [1, 2, 3, 4, 5]
+        assert "metrics.jsonl, line 6: passed over" in capsys.readouterr().err
+
+
+def test_a_resumed_runs_rows_replace_those_it_redid(tmp_path, capsys):
+    """Steps 1-8 written, the run killed and resumed from its step-5 checkpoint: steps 6-8 are redone. The chart shows
+    each step once, the resumed run's rows from step 6 on."""
+    first, resumed = curve(8), [dict(r, loss=r["loss"] + 10) for r in curve(10)[5:]]
+    path = write_jsonl(tmp_path / "metrics.jsonl", first + resumed)
+    rows = pl.read_metrics(str(path))
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert rows[:5] == first[:5] and rows[5:] == resumed
+    assert "3 rows replaced by those of a resumed run" in capsys.readouterr().err
+    pl.main([str(path), "--out", str(tmp_path / "loss.png")])  # and it draws
+
+
+def test_steps_with_a_nan_loss_are_said_not_drawn(tmp_path, capsys):
+    rows = curve(20)
+    rows[7]["loss"] = float("nan")  # json.dumps writes NaN, as train.py would for a diverged step
+    rows[9]["loss"] = float("inf")
+    path = write_jsonl(tmp_path / "metrics.jsonl", rows)
+    assert len(pl.read_metrics(str(path))) == 18
+    assert "2 steps with a loss of NaN or inf (the first: step 8)" in capsys.readouterr().err
+    pl.main([str(path), "--out", str(tmp_path / "loss.png")])
 
 
 def test_a_run_directory_and_a_live_run_are_read(tmp_path):

@@ -28,8 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, LLAVA_V1_SYSTEM, VICUNA_SYSTEM, ChatFormat  # noqa: E402
-from data import load_tokenizer_and_processor, render  # noqa: E402
+from data import UserError, load_tokenizer_and_processor, render  # noqa: E402
 import checkpoints  # noqa: E402
+from generate import USER_ERRORS, exit_with  # noqa: E402
 from model import params_on_meta  # noqa: E402
 
 
@@ -173,12 +174,20 @@ def main(argv=None):
     p.add_argument("out")
     p.add_argument("--model-base", help="import: the base LLM of a stage-1 (mm_projector.bin) directory")
     args = p.parse_args(argv)
-    if args.direction == "import":
-        import_checkpoint(args.source, args.out, args.model_base)
-    else:
-        model = checkpoints.load(args.source)
-        tokenizer, processor = load_tokenizer_and_processor(args.source, model.config)
-        export_llava_hf(model, tokenizer, processor, args.out)
+    try:
+        if os.path.exists(args.out) and os.path.exists(args.source) and os.path.samefile(args.out, args.source):
+            raise UserError(f"out {args.out}: it is the source, which the conversion would overwrite; name another "
+                            "directory")
+        if os.path.isfile(args.out):
+            raise UserError(f"out {args.out}: a file; name a directory for the converted model")
+        if args.direction == "import":
+            import_checkpoint(args.source, args.out, args.model_base)
+        else:
+            model = checkpoints.load(args.source)
+            tokenizer, processor = load_tokenizer_and_processor(args.source, model.config)
+            export_llava_hf(model, tokenizer, processor, args.out)
+    except (*USER_ERRORS, ValueError) as e:  # ValueError: a model this conversion has no equivalent for
+        exit_with(e)
     print(f"{args.direction}ed {args.source} -> {args.out}")
 
 

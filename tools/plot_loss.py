@@ -5,7 +5,9 @@
 
 Each argument is a run's output directory (its metrics.jsonl is read) or a metrics.jsonl itself: one JSON object per
 optimizer step with at least "step" and "loss", and, where train.py wrote them, "samples" and "image_samples" (the
-global batch's sample count and how many of those have an image). Each run gets its own panel, side by side:
+global batch's sample count and how many of those have an image). A resumed run's rows replace the earlier ones from
+the step it resumed at; a last line cut short (a run still writing, or killed) is passed over with a warning. Each run
+gets its own panel, side by side:
 
 - the loss of each step is a thin light line; over it, in bold, its exponential moving average (debiased), where an
   isolated spike weighs no more than an ordinary noisy step.
@@ -23,6 +25,10 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data import UserError  # noqa: E402
+
 SCALE = 2  # drawn at twice the size, then shrunk: pillow's lines and text are not anti-aliased otherwise
 COLORS = [(31, 119, 180), (230, 110, 10), (44, 150, 44), (148, 103, 189), (214, 39, 40), (120, 80, 70)]
 INK, GRID, FRAME = (40, 40, 40), (228, 228, 228), (170, 170, 170)
@@ -34,33 +40,45 @@ MARKS = {"text": "dot", "mostly text": "ring"}  # a batch's kind (batch_kind) ->
 
 
 def read_metrics(path):
-    """The rows of a metrics.jsonl, or of the one in the run directory `path`. Every row must have a step and a loss.
-    A last line without its newline is a row train.py is still writing (the run is live): it is left out."""
+    """The rows of a metrics.jsonl, or of the one in the run directory `path`, one per step. Every row must have a
+    step and a loss. A last line that is not JSON is a row train.py is still writing, or was writing when it was
+    killed: it is left out, with a warning. After a resume the file repeats steps; each row replaces the rows of its
+    step and later ones (what the run redid), so that the curve is the one the checkpoints followed."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (a run's output directory holds metrics.jsonl, one line per "
-                                "optimizer step)")
-    with open(path) as f:
-        lines = f.readlines()
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+        raise UserError(f"{path}: no such file (a run's output directory holds metrics.jsonl, one line per "
+                        "optimizer step)")
+    with open(path, encoding="utf-8", errors="replace") as f:  # bytes a crash left: a line that is not JSON
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    rows, replaced = [], 0
+    for number, line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            if number == len(lines) and not line.endswith("\n"):
+            if number == lines[-1][0]:
+                print(f"warning: {path}, line {number}: passed over, cut short (a run still writing, or killed)",
+                      file=sys.stderr)
                 continue
-            raise ValueError(f"{path}, line {number}: not JSON ({e})") from None
-        if not (isinstance(row, dict) and isinstance(row.get("step"), (int, float))
+            raise UserError(f"{path}, line {number}: not JSON ({e}); remove or repair the line") from None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and math.isfinite(row["step"])
                 and isinstance(row.get("loss"), (int, float))):
-            raise ValueError(f"{path}, line {number}: a row needs a numeric \"step\" and \"loss\", "
-                             f"got {line.strip()[:80]}")
+            raise UserError(f"{path}, line {number}: a row needs a numeric \"step\" and \"loss\", "
+                            f"got {line.strip()[:80]}")
+        while rows and rows[-1]["step"] >= row["step"]:  # a resumed run redoes the steps from its checkpoint on
+            rows.pop()
+            replaced += 1
         rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no rows (has the run finished an optimizer step yet?)")
-    return rows
+    if replaced:
+        print(f"{path}: {replaced} rows replaced by those of a resumed run", file=sys.stderr)
+    finite = [r for r in rows if math.isfinite(r["loss"])]
+    if len(finite) < len(rows):
+        first = next(r["step"] for r in rows if not math.isfinite(r["loss"]))
+        print(f"warning: {path}: {len(rows) - len(finite)} steps with a loss of NaN or inf (the first: step {first}) "
+              "are not drawn", file=sys.stderr)
+    if not finite:
+        raise UserError(f"{path}: no rows with a loss (has the run finished an optimizer step yet?)")
+    return finite
 
 
 def run_label(path):
@@ -343,11 +361,15 @@ def main(argv=None):
                    "twentieth of each run)")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
+    for flag, value in (("--width", args.width), ("--height", args.height), ("--smooth", args.smooth)):
+        if value is not None and value < 1:
+            p.error(f"argument {flag}: must be a positive integer, got {value}")
     try:
         runs = [(run_label(path), read_metrics(path)) for path in args.runs]
-    except (OSError, ValueError) as e:
-        sys.exit(f"plot_loss.py: {e}")
-    plot_loss(runs, args.out, (args.width, args.height), args.smooth, args.title)
+        plot_loss(runs, args.out, (args.width, args.height), args.smooth, args.title)
+    except (UserError, OSError, ValueError) as e:  # ValueError: too small a size for the panels
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(args.out)
 
 
