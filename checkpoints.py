@@ -15,7 +15,8 @@ The layouts, recognised from config.json (docs/llava.md section 7):
   config.json + mm_projector.bin, whose LLM is the base model it was trained on (`model_base`).
 - transformers' LlavaForConditionalGeneration (the llava-hf repos), read by transformers itself.
 
-Nothing loaded from a file runs code: safetensors, or torch.load(weights_only=True) for .bin files. A file that is
+Nothing loaded from a file runs code: safetensors, or torch.load(weights_only=True) for .bin files, and a training
+run's sharded state (load_sharded) with its pickles checked first. A file that is
 cut, corrupt or inconsistent with the rest is a UserError naming it. Every file is written to a temporary name,
 flushed to disk and renamed, so a crash or a power cut leaves the old file or the new one.
 """
@@ -30,6 +31,7 @@ from dataclasses import asdict, fields
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
 from data import UserError
 from model import LlavaConfig, LlavaModel, first_line, from_pretrained_complete, load_vision_tower, \
@@ -580,3 +582,80 @@ def fsync(path):
             raise
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training state: torch.distributed.checkpoint's sharded files, read without running code
+
+
+def load_sharded(state, path):
+    """dcp.load(state, path): a training run's sharded weights and optimizer (train.py writes them with dcp.save), read
+    so that nothing in the files runs: dcp's metadata and its non-tensor values are pickles, which may name any
+    function to call, so both are checked against what such files hold before torch's own code reads them. A file
+    that fails the check, or cannot be read, is a UserError naming it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        check_metadata(path)  # here too: dcp.load reports its reader's errors without their type
+        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    except (UnsafeCheckpoint, CheckpointException) as e:
+        error = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+        if isinstance(error, UnsafeCheckpoint):
+            raise UserError(f"refusing to load {path}: {error}, and loading it would run code; load only "
+                            "checkpoints this project wrote") from None
+        raise UserError(f"cannot read {path} ({type(error).__name__}: {error}); delete its checkpoint to resume from "
+                        "the one before it") from None
+
+
+class UnsafeCheckpoint(Exception):
+    pass
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint's .metadata file is a pickle, which may name any function to call. Only the
+    classes such a file holds are allowed (the Restricting Globals recipe of Python's pickle documentation)."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+               *(("torch.distributed.checkpoint.metadata", n) for n in (
+                   "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                   "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"))}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f"its metadata names {module}.{name}")
+
+
+def check_metadata(path):
+    """Unpickle path/.metadata with MetadataUnpickler: UnsafeCheckpoint if it names anything else."""
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            MetadataUnpickler(f).load()
+    except UnsafeCheckpoint:
+        raise
+    except Exception as e:  # cut, or not a pickle at all
+        raise UserError(f"{path}/.metadata is unreadable ({type(e).__name__}: {e}); delete its checkpoint to resume "
+                        "from the one before it") from None
+
+
+class SafeReader(FileSystemReader):
+    """dcp's reader, with the metadata checked by MetadataUnpickler before torch's own code reads it."""
+
+    def read_metadata(self, *args, **kwargs):
+        check_metadata(self.path)
+        return super().read_metadata(*args, **kwargs)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """A checkpoint's non-tensor values (the optimizer's hyper-parameters) are torch.save pickles, which the default
+    planner loads with weights_only=False; here they must pass weights_only=True first."""
+
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpoint(f"a value holds {str(e).splitlines()[0]}") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)

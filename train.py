@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import resource
 import secrets
@@ -42,7 +41,6 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -765,19 +763,13 @@ def file_sha256(path):
 
 def load_checkpoint(model, optimizer, path):
     """Restore the trainable weights, the optimizer and the RNG of a checkpoint; returns its step. Nothing in it runs
-    code: torch.distributed.checkpoint's pickles are read through SafeReader and SafeLoadPlanner."""
+    code (checkpoints.load_sharded)."""
     state = resumable_state(model, optimizer)
     train_state = os.path.join(path, "train_state")
     try:
-        check_metadata(train_state)  # here too: dcp.load reports a reader's error without its type
-        dcp.load(state, storage_reader=SafeReader(train_state), planner=SafeLoadPlanner())
-    except (UnsafeCheckpoint, CheckpointException) as e:
-        error = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
-        if isinstance(error, UnsafeCheckpoint):
-            raise UserError(f"--resume: refusing to load {train_state}: {error}, and loading it would run code; resume "
-                            "only from checkpoints this project wrote") from None
-        raise UserError(f"--resume: cannot read {train_state} ({type(error).__name__}: {error}); delete {path} to "
-                        "resume from the checkpoint before it") from None
+        checkpoints.load_sharded(state, train_state)
+    except UserError as e:
+        raise UserError(f"--resume: {e}") from None
     missing, unexpected = set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):
@@ -789,59 +781,6 @@ def load_checkpoint(model, optimizer, path):
     if rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"])
     return checkpoint_step(path)
-
-
-class UnsafeCheckpoint(Exception):
-    pass
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """torch.distributed.checkpoint's .metadata file is a pickle, which may name any function to call. Only the
-    classes such a file holds are allowed (the Restricting Globals recipe of Python's pickle documentation)."""
-
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-               ("pathlib", "PurePosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-               *(("torch.distributed.checkpoint.metadata", n) for n in (
-                   "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                   "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"))}
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise UnsafeCheckpoint(f"its metadata names {module}.{name}")
-
-
-def check_metadata(train_state):
-    """Unpickle train_state/.metadata with MetadataUnpickler: UnsafeCheckpoint if it names anything else."""
-    try:
-        with open(os.path.join(train_state, ".metadata"), "rb") as f:
-            MetadataUnpickler(f).load()
-    except UnsafeCheckpoint:
-        raise
-    except Exception as e:  # cut, or not a pickle at all
-        raise UserError(f"--resume: {train_state}/.metadata is unreadable ({type(e).__name__}: {e}); delete its "
-                        "checkpoint to resume from the one before it") from None
-
-
-class SafeReader(dcp.FileSystemReader):
-    """dcp's reader, with the metadata checked by MetadataUnpickler before torch's own code reads it."""
-
-    def read_metadata(self, *args, **kwargs):
-        check_metadata(self.path)
-        return super().read_metadata(*args, **kwargs)
-
-
-class SafeLoadPlanner(dcp.DefaultLoadPlanner):
-    """A checkpoint's non-tensor values (the optimizer's hyper-parameters) are torch.save pickles, which the default
-    planner loads with weights_only=False; here they must pass weights_only=True first."""
-
-    def load_bytes(self, read_item, value):
-        try:
-            torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpoint(f"a value holds {str(e).splitlines()[0]}") from None
-        value.seek(0)
-        super().load_bytes(read_item, value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

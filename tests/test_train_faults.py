@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+import checkpoints
 import finetune
 import pretrain
 import train
@@ -136,8 +137,8 @@ def test_a_crafted_value_in_the_optimizer_state_cannot_run_code(tmp_path):
     buffer = io.BytesIO()
     torch.save({"lr": evil}, buffer)
     buffer.seek(0)
-    with pytest.raises(train.UnsafeCheckpoint):
-        train.SafeLoadPlanner().load_bytes(None, buffer)
+    with pytest.raises(checkpoints.UnsafeCheckpoint):
+        checkpoints.SafeLoadPlanner().load_bytes(None, buffer)
     assert not (tmp_path / "pwned").exists()
 
 
