@@ -322,11 +322,13 @@ CHANCE = {"color": 100 / 6, "shape": 100 / 3, "count": 100 / 3, "position": 25.0
 
 
 def main(argv=None):
+    from generate import positive_int, seed
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/toy")
-    p.add_argument("--images", type=int, default=5000)
-    p.add_argument("--test-images", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=positive_int, default=5000)
+    p.add_argument("--test-images", type=positive_int, default=100)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--world-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="a much shorter run (CI): a looser bar, still far above blind")
     args = p.parse_args(argv)
