@@ -33,6 +33,7 @@ GPT judge of LLaVA-Bench and MM-Vet's grader, an HTTP client, is judge.py.
 """
 
 import argparse
+import fcntl
 import io
 import json
 import os
@@ -136,38 +137,55 @@ def answered(path):
 def run(args):
     """Answer --questions into --answers. Everything a user can get wrong is checked before the model loads: the
     question file, each question's image (it exists, under --image-folder), the answers file it appends to."""
+    model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
+    questions = chunk(load_questions(args.questions, args.suffix, args.all_rounds), args.num_chunks, args.chunk_idx)
+    images = [image_source(q, args.image_folder, args.questions) if q[1] else None for q in questions]
+    os.makedirs(os.path.dirname(os.path.abspath(args.answers)), exist_ok=True)
+    created = not os.path.exists(args.answers)
+    try:
+        with open(args.answers, "a") as out:  # locked for the whole run: two runs would write each answer twice
+            try:
+                fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise UserError(f"--answers {args.answers}: another evaluate.py run is writing it; wait for that run "
+                                "to end, or name another answers file (one per --chunk-idx)") from None
+            answer_all(args, questions, images, model_id, out)
+    except BaseException:
+        if created and os.path.getsize(args.answers) == 0:  # a run that answered nothing leaves no file
+            os.remove(args.answers)
+        raise
+
+
+def answer_all(args, questions, images, model_id, out):
+    """The questions not yet in the answers file (open as `out`), answered in batches and appended as they come."""
     import torch
     from tqdm import tqdm
 
-    model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
-    questions = chunk(load_questions(args.questions, args.suffix, args.all_rounds), args.num_chunks, args.chunk_idx)
     done = answered(args.answers)
     others = sorted({str(m) for m in done.values() if m is not None} - {model_id})
     if others:
         raise UserError(f"--answers {args.answers}: it holds answers of the model {others[0]!r}, this run is "
                         f"{model_id!r}; name another answers file (or pass --model-id {others[0]} if it is this model)")
-    todo = [q for q in questions if answer_key(q[0], q[4].get("round_id"), q[3]) not in done]
-    images = [image_source(q, args.image_folder, args.questions) if q[1] else None for q in todo]
+    todo = [(q, image) for q, image in zip(questions, images)
+            if answer_key(q[0], q[4].get("round_id"), q[3]) not in done]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, fmt, processor = generate.load(args.model, torch.bfloat16 if device == "cuda" else torch.float32, device)
-    os.makedirs(os.path.dirname(os.path.abspath(args.answers)), exist_ok=True)
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="answering")
-    with open(args.answers, "a") as out:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            pixel_values = [process_image(load_image(image, f"{args.questions}, question {q[0]!r}"), processor,
-                                          model.config.image_aspect_ratio)
-                            for q, image in zip(batch, images[start:start + args.batch_size]) if image is not None]
-            pixel_values = torch.stack(pixel_values) if pixel_values else None
-            conversations = [[{"role": "user", "content": (IMAGE_TOKEN + "\n" if q[1] else "") + q[2]}] for q in batch]
-            texts = generate.answer(model, fmt, conversations, pixel_values, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature)
-            for (qid, _, _, prompt, extra), text in zip(batch, texts):
-                out.write(json.dumps({"question_id": qid, "prompt": prompt, "text": text, **extra,
-                                      "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            bar.update(len(batch))
+    for start in range(0, len(todo), args.batch_size):
+        batch, batch_images = zip(*todo[start:start + args.batch_size])
+        pixel_values = [process_image(load_image(image, f"{args.questions}, question {q[0]!r}"), processor,
+                                      model.config.image_aspect_ratio)
+                        for q, image in zip(batch, batch_images) if image is not None]
+        pixel_values = torch.stack(pixel_values) if pixel_values else None
+        conversations = [[{"role": "user", "content": (IMAGE_TOKEN + "\n" if q[1] else "") + q[2]}] for q in batch]
+        texts = generate.answer(model, fmt, conversations, pixel_values, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature)
+        for (qid, _, _, prompt, extra), text in zip(batch, texts):
+            out.write(json.dumps({"question_id": qid, "prompt": prompt, "text": text, **extra,
+                                  "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+        bar.update(len(batch))
     bar.close()
 
 

@@ -415,3 +415,16 @@ def test_run_reports_a_missing_image(model_dir, tmp_path, capsys):
     assert "q.jsonl, question 1: image file" in fails(capsys, [
         "run", "--model", str(model_dir / "model"), "--questions", questions, "--image-folder", str(model_dir),
         "--answers", str(tmp_path / "a.jsonl")])
+
+
+def test_two_runs_cannot_write_one_answers_file(model_dir, tmp_path, capsys):
+    import fcntl
+
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "text": "Name a shape."}])
+    argv = ["run", "--model", str(model_dir / "model"), "--questions", questions, "--answers", str(tmp_path / "a.jsonl"),
+            "--max-new-tokens", "2"]
+    with open(tmp_path / "a.jsonl", "a") as held:  # as a run in another process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another evaluate.py run is writing it" in fails(capsys, argv)
+    evaluate.main(argv)  # released
+    assert [json.loads(line)["question_id"] for line in open(tmp_path / "a.jsonl")] == [1]
