@@ -102,6 +102,27 @@ def test_messages_of_a_coco_image_are_the_papers_layout(tmp_path):
     assert {s["id"] for s in merged} == {"000000000007"} and {s["image"] for s in merged} == {"000000000007.jpg"}
 
 
+def test_at_most_workers_requests_are_in_flight(tmp_path):
+    context = tmp_path / "c.jsonl"
+    context.write_text("".join(json.dumps({"id": n, "image": f"{n}.png", "captions": [f"{n} cats."]}) + "\n"
+                               for n in range(4)))
+    args = parse(tmp_path, ["--context", str(context), "--workers", "2", "--kinds", "detail", "detail"])
+    lock, flying, peak, asked = threading.Lock(), [0], [0], []
+
+    def ask(messages, info):
+        with lock:
+            asked.append(messages[-1]["content"])
+            flying[0] += 1
+            peak[0] = max(peak[0], flying[0])
+        time.sleep(0.05)
+        with lock:
+            flying[0] -= 1
+        return "Some cats."
+
+    assert instruct_data.generate(args, ask)["samples"] == {"detail": 4}  # a kind named twice is asked once
+    assert peak[0] == 2 and sorted(asked) == [f"{n} cats." for n in range(4)]
+
+
 def parse(tmp_path, argv):
     p = instruct_data.argparse.ArgumentParser()
     instruct_data.add_flags(p)
@@ -252,14 +273,16 @@ def test_a_run_against_an_awkward_model_writes_only_whole_samples_resumes_and_tr
     assert [s["id"] for s in json.loads((out / "conversation.json").read_text())] == ["Ann", "Bob"]
 
     # A crash cut the last line of a work file; the resumed run drops it and asks only for what is missing.
-    with open(out / "detail.jsonl", "a") as f:
-        f.write('{"id": "Cy", "image": "Cy.p')
+    lines = (out / "detail.jsonl").read_text().splitlines(keepends=True)
+    cut = json.loads(lines[-1])["id"]
+    (out / "detail.jsonl").write_text("".join(lines[:-1]) + lines[-1][:20])
     server.respond = lambda kind, image, attempt: (200, GOOD[kind], "stop", 0)
     before = len(server.seen)
     status, stdout, err = main(argv, capsys)
     assert status == 0 and "dropping its last line" in err, err
-    assert [(k, i) for k, i, *_ in server.seen[before:]] == [("conversation", "Cy")]
-    assert not (out / "failed.json").exists() and "all runs: 1300 + 130 in 13 replies" in stdout
+    assert sorted((k, i) for k, i, *_ in server.seen[before:]) == [("conversation", "Cy"), ("detail", cut)]
+    assert [json.loads(line)["id"] for line in (out / "detail.jsonl").read_text().splitlines()][-1] == cut
+    assert not (out / "failed.json").exists() and "all runs: 1400 + 140 in 14 replies" in stdout
     merged = json.loads((out / "llava_instruct.json").read_text())
     assert [s["id"] for s in merged] == ["Ann"] * 3 + ["Bob"] * 3 + ["Cy"] * 3
 
@@ -305,3 +328,10 @@ def test_bad_input_is_one_error_line_before_any_request(tmp_path, model_server, 
     status, _, err = main(base + ["--context", str(context), "--gpt-endpoint", "file:///etc/passwd"], capsys)
     assert status == 2 and "--gpt-endpoint" in err
     assert server.seen == []
+    # A model that stays down: one error line naming the flag to raise; nothing written in part.
+    server.respond = lambda kind, image, attempt: (503, None, None, 0)
+    status, _, err = main(base + ["--context", str(context), "--kinds", "conversation", "--gpt-retries", "1",
+                                  "--gpt-backoff", "0"], capsys)
+    assert status == 2 and "still failing after 1 retries (HTTP 503)" in err and "--gpt-retries" in err, err
+    assert len(server.seen) == 2 and (tmp_path / "out" / "conversation.jsonl").read_text() == ""
+    assert json.loads((tmp_path / "out" / "llava_instruct.json").read_text()) == []

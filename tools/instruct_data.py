@@ -55,8 +55,8 @@ KINDS = {"conversation": ("conversation", False), "detail": ("detail_description
          "complex_reasoning": ("complex_reasoning", True)}
 MERGED = "llava_instruct.json"
 
-# The paper's list of instructions for a detailed image description (Liu et al. 2023, appendix; the same 16 lines are
-# in LLaVA's early training code as `detail_describe_instructions`). One is drawn per image, by --seed and image id.
+# The paper's list of instructions for a detailed image description (Liu et al. 2023, "Visual Instruction Tuning",
+# appendix), word for word. One is drawn per image, by --seed and the image's id.
 DETAIL_INSTRUCTIONS = [
     "Describe the following image in detail.",
     "Provide a detailed description of the given image.",
@@ -310,6 +310,7 @@ def generate(args, ask=None):
 
     records = read_context(args.context) if args.context else read_coco(args.captions, args.instances)
     records = records[:args.limit] if args.limit else records
+    kinds = list(dict.fromkeys(args.kinds))  # each kind once, however often it is named
     if len({r["id"] for r in records}) != len(records):
         raise DataError(f"{args.context or args.captions}: two images share an id; each image needs its own")
     instructions = DETAIL_INSTRUCTIONS
@@ -318,11 +319,11 @@ def generate(args, ask=None):
             instructions = [line.strip() for line in f if line.strip()]
         if not instructions:
             raise UserError(f"--detail-instructions {args.detail_instructions}: no instructions (one per line)")
-    prompts = {kind: read_prompts(args.prompts, kind) for kind in args.kinds}
+    prompts = {kind: read_prompts(args.prompts, kind) for kind in kinds}
     os.makedirs(args.out, exist_ok=True)
     work = {kind: os.path.join(args.out, f"{kind}.jsonl") for kind in KINDS}
     done = {kind: done_samples(work[kind]) for kind in KINDS}
-    todo = [(kind, r) for r in records for kind in args.kinds if r["id"] not in done[kind]]
+    todo = [(kind, r) for r in records for kind in kinds if r["id"] not in done[kind]]
     usage_path = os.path.join(args.out, "usage.json")
     usage = {"replies": 0, "prompt_tokens": 0, "completion_tokens": 0}
     if os.path.exists(usage_path):
@@ -350,8 +351,8 @@ def generate(args, ask=None):
             messages = build_messages(system, shots, context_text(record, KINDS[kind][1]))
             return ask_for(kind, messages, counted, args.parse_retries)
 
-        files = {kind: os.open(work[kind], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) for kind in args.kinds}
-        bar = tqdm(total=len(records) * len(args.kinds), initial=len(records) * len(args.kinds) - len(todo),
+        files = {kind: os.open(work[kind], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) for kind in kinds}
+        bar = tqdm(total=len(records) * len(kinds), initial=len(records) * len(kinds) - len(todo),
                    desc="generating", unit="sample")
         pending, queue = {}, iter(todo)
         try:
@@ -391,7 +392,7 @@ def generate(args, ask=None):
             write_outputs(args.out, records, done, failed)
     else:
         write_outputs(args.out, records, done, failed)
-    return {"samples": {kind: len(done[kind]) for kind in args.kinds}, "failed": failed, "run_tokens": run_tokens,
+    return {"samples": {kind: len(done[kind]) for kind in kinds}, "failed": failed, "run_tokens": run_tokens,
             "usage": usage}
 
 
