@@ -14,7 +14,8 @@ tuple}; benchmarks.py turns the reviews into the relative score (llava/eval/summ
 The API key is read from an environment variable (--judge-key-env) and only ever sent in the Authorization header, to
 the --judge-endpoint alone: redirects are not followed (urllib would send the header on to wherever one points), and
 nothing the server answers is printed before the key is struck out of it. It is not logged or written to any file.
-The files are read and written by benchmarks.py; this file asks.
+The files are read and written by benchmarks.py; this file asks. chat_completion is the project's one client of such
+an endpoint: tools/instruct_data.py generates LLaVA's instruction data through it too (its flags --gpt-*).
 """
 
 import argparse

@@ -113,7 +113,8 @@ def read_context(path):
 
 def read_coco(captions_path, instances_path=None):
     """COCO's annotation files as caption/box records, images in the captions file's order; an image's id is its file
-    name without the extension (LLaVA-Instruct's "000000033471" for "000000033471.jpg"). Boxes: COCO's [x, y, width,
+    name without the extension (LLaVA-Instruct's "000000033471" for "000000033471.jpg"); each caption's runs of
+    whitespace folded to one space (COCO's captions carry stray spaces and newlines). Boxes: COCO's [x, y, width,
     height] in pixels become [x1, y1, x2, y2] divided by the image's width and height, clipped to [0, 1]; every
     instance of the image, crowds too, in the file's order."""
     document = read_json(captions_path)
