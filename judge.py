@@ -14,7 +14,8 @@ tuple}; benchmarks.py turns the reviews into the relative score (llava/eval/summ
 The API key is read from an environment variable (--judge-key-env) and only ever sent in the Authorization header, to
 the --judge-endpoint alone: redirects are not followed (urllib would send the header on to wherever one points), and
 nothing the server answers is printed before the key is struck out of it. It is not logged or written to any file.
-The files are read and written by benchmarks.py; this file asks.
+The files are read and written by benchmarks.py; this file asks. chat_completion is the project's one client of such
+an endpoint: tools/instruct_data.py generates LLaVA's instruction data through it too (its flags --gpt-*).
 """
 
 import argparse
@@ -58,12 +59,13 @@ def parse_review(content):
 # The client
 
 
-def api_key(args):
-    """The judge's API key, from the environment variable --judge-key-env names (never a flag: it would be logged)."""
-    key = os.environ.get(args.judge_key_env, "")
+def api_key(args, prefix="judge"):
+    """The API key, from the environment variable --judge-key-env names (never a flag: it would be logged). `prefix`
+    names the flags of another caller of the same client (tools/instruct_data.py: --gpt-key-env)."""
+    env = getattr(args, f"{prefix}_key_env")
+    key = os.environ.get(env, "")
     if not key:
-        raise UserError(f"--judge-key-env {args.judge_key_env}: the environment variable is not set; export the "
-                        "judge's API key in it")
+        raise UserError(f"--{prefix}-key-env {env}: the environment variable is not set; export the API key in it")
     return key
 
 
@@ -74,7 +76,8 @@ def endpoint_problem(endpoint):
     if url.scheme not in ("http", "https") or not url.hostname:
         return "not an http(s) URL; pass an OpenAI-compatible API base URL, e.g. https://api.openai.com/v1"
     if url.username or url.password or url.query or url.fragment:
-        return "a URL with credentials, a query or a fragment; pass the API base URL alone (the key: --judge-key-env)"
+        return ("a URL with credentials, a query or a fragment; pass the API base URL alone (the key goes in an "
+                "environment variable)")
     return None
 
 
@@ -117,28 +120,41 @@ def error_message(body, key):
     return redacted(message if isinstance(message, str) else text, key)
 
 
-def completion_text(body, endpoint):
-    """The reply's text from a chat completion body, or an error saying what came instead."""
+def completion_text(body, endpoint, info=None, prefix="judge"):
+    """The reply's text from a chat completion body, or an error saying what came instead. A dict `info` receives
+    the reply's finish_reason ("length": cut at max_tokens) and its token counts (usage's prompt_tokens and
+    completion_tokens, 0 where the server sends none)."""
     try:
-        content = json.loads(body)["choices"][0]["message"]["content"]
+        reply = json.loads(body)
+        choice = reply["choices"][0]
+        content = choice["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
-        raise UserError(f"judge endpoint {endpoint} answered HTTP 200 but not with a chat completion; is it an "
+        raise UserError(f"{prefix} endpoint {endpoint} answered HTTP 200 but not with a chat completion; is it an "
                         "OpenAI-compatible API base URL (e.g. https://api.openai.com/v1)?") from None
     if not isinstance(content, str):
-        raise UserError(f"judge endpoint {endpoint} sent a completion without text (content {content!r:.40}); "
-                        "a refusal or a content filter; try again, or another --judge-model")
+        raise UserError(f"{prefix} endpoint {endpoint} sent a completion without text (content {content!r:.40}); "
+                        f"a refusal or a content filter; try again, or another --{prefix}-model")
+    if info is not None:
+        usage = reply.get("usage") if isinstance(reply, dict) and isinstance(reply.get("usage"), dict) else {}
+        info["finish_reason"] = choice.get("finish_reason") if isinstance(choice, dict) else None
+        for name in ("prompt_tokens", "completion_tokens"):
+            count = usage.get(name)
+            info[name] = count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
     return content
 
 
 def chat_completion(messages, endpoint, model, api_key, temperature=0.2, max_tokens=1024, retries=5, backoff=2.0,
-                    timeout=120):
+                    timeout=120, info=None, prefix="judge"):
     """One reply from an OpenAI-compatible /chat/completions endpoint, standard library only. Retries connection
     errors, 429 and 5xx with exponential back-off (a judge run is hundreds of requests; one busy minute should not lose
     it). Other answers fail at once, retrying cannot fix them: an HTTP error (a wrong key, a wrong model name), a
-    redirect (the key goes to the endpoint named, nowhere else), a 200 that is not a chat completion (a wrong URL)."""
+    redirect (the key goes to the endpoint named, nowhere else), a 200 that is not a chat completion (a wrong URL).
+    `info` (a dict) receives the reply's finish_reason and token counts (completion_text); `prefix` names the
+    caller's flags in errors (--judge-endpoint; --gpt-endpoint for tools/instruct_data.py). Safe to call from several
+    threads at once: nothing is shared between calls."""
     refused = endpoint_problem(endpoint)
     if refused:
-        raise UserError(f"--judge-endpoint {endpoint!r}: {refused}")
+        raise UserError(f"--{prefix}-endpoint {endpoint!r}: {refused}")
     body = json.dumps({"model": model, "messages": messages, "temperature": temperature,
                        "max_tokens": max_tokens}).encode()
     url = endpoint.rstrip("/") + "/chat/completions"
@@ -147,25 +163,25 @@ def chat_completion(messages, endpoint, model, api_key, temperature=0.2, max_tok
     for attempt in range(retries + 1):
         try:
             with OPENER.open(request, timeout=timeout) as response:
-                return completion_text(response.read(MAX_BODY), endpoint)
+                return completion_text(response.read(MAX_BODY), endpoint, info, prefix)
         except urllib.error.HTTPError as e:
             if 300 <= e.code < 400:
                 to = urllib.parse.urlsplit(urllib.parse.urljoin(url, e.headers.get("Location", "")))
-                raise UserError(f"judge endpoint {endpoint} redirects (HTTP {e.code}) to "
+                raise UserError(f"{prefix} endpoint {endpoint} redirects (HTTP {e.code}) to "
                                 f"{to.scheme}://{to.netloc.rpartition('@')[2]}{to.path}; the key is not sent on: "
-                                "pass the final URL (without /chat/completions) as --judge-endpoint") from None
+                                f"pass the final URL (without /chat/completions) as --{prefix}-endpoint") from None
             if e.code != 429 and e.code < 500:
                 said = error_message(e.read(MAX_BODY), api_key)
-                raise UserError(f"judge endpoint {endpoint} answered HTTP {e.code}: {said}; check --judge-endpoint, "
-                                "--judge-model and the key in --judge-key-env") from None
+                raise UserError(f"{prefix} endpoint {endpoint} answered HTTP {e.code}: {said}; check "
+                                f"--{prefix}-endpoint, --{prefix}-model and the key in --{prefix}-key-env") from None
             problem = f"HTTP {e.code}"
         except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
             problem = redacted(str(getattr(e, "reason", e)), api_key)
         if attempt < retries:
-            print(f"judge: {problem}; retrying in {backoff * 2 ** attempt:.0f} s", file=sys.stderr)
+            print(f"{prefix}: {problem}; retrying in {backoff * 2 ** attempt:.0f} s", file=sys.stderr)
             time.sleep(backoff * 2 ** attempt)
-    raise UserError(f"judge endpoint {endpoint}: still failing after {retries} retries ({problem}); check that it is "
-                    "up and reachable, or raise --judge-retries")
+    raise UserError(f"{prefix} endpoint {endpoint}: still failing after {retries} retries ({problem}); check that it "
+                    f"is up and reachable, or raise --{prefix}-retries")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -220,16 +236,18 @@ def add_endpoint_flags(p, default_model):
     endpoint_flags(p.add_argument_group("the judge (asked only for what the grade file lacks)"), default_model)
 
 
-def endpoint_flags(g, default_model):
-    """Where the judge is and how it is asked: what chat_completion needs, and the key's environment variable."""
-    g.add_argument("--judge-endpoint", type=endpoint_flag,
-                   default=os.environ.get("JUDGE_ENDPOINT", "https://api.openai.com/v1"),
-                   help="an OpenAI-compatible API base URL (default: $JUDGE_ENDPOINT or OpenAI's)")
-    g.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", default_model),
-                   help=f"default {default_model}; another judge gives other numbers")
-    g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="the environment variable holding the key")
-    g.add_argument("--judge-retries", type=non_negative_int, default=5)
-    g.add_argument("--judge-backoff", type=non_negative_float, default=2.0,
+def endpoint_flags(g, default_model, prefix="judge", model_help="another judge gives other numbers"):
+    """Where the model is and how it is asked: what chat_completion needs, and the key's environment variable.
+    --judge-* for the judges; another prefix for another caller of the client (--gpt-* in tools/instruct_data.py)."""
+    env = prefix.upper()
+    g.add_argument(f"--{prefix}-endpoint", type=endpoint_flag,
+                   default=os.environ.get(f"{env}_ENDPOINT", "https://api.openai.com/v1"),
+                   help=f"an OpenAI-compatible API base URL (default: ${env}_ENDPOINT or OpenAI's)")
+    g.add_argument(f"--{prefix}-model", default=os.environ.get(f"{env}_MODEL", default_model),
+                   help=f"default {default_model}; {model_help}")
+    g.add_argument(f"--{prefix}-key-env", default="OPENAI_API_KEY", help="the environment variable holding the key")
+    g.add_argument(f"--{prefix}-retries", type=non_negative_int, default=5)
+    g.add_argument(f"--{prefix}-backoff", type=non_negative_float, default=2.0,
                    help="seconds before the first retry, doubled each time")
 
 
