@@ -11,7 +11,10 @@ dict of settings and a call to main(). A step (train_step), in order:
    FSDP averages gradients over ranks), so the gradient is the mean over every supervised token of the global
    batch, however tokens fall across micro-batches and ranks. LLaVA's Trainer averaged per micro-batch instead.
 3. Gradient norm (clipped if asked), a non-finite check, AdamW with the cosine learning rate; now and then a
-   checkpoint that a later run resumes exactly.
+   checkpoint that a later run resumes exactly (check_resume says what a resume may change; after a non-finite loss,
+   set_aside_checkpoint moves the checkpoint of the weights that gave it out of --resume's way).
+Settings are checked before anything loads (check_settings, check_paths); input a user can get wrong ends the run
+with one `error: ...` line naming the flag, file or sample (data.UserError).
 
 Distributed: FSDP2 `fully_shard` on each decoder layer, then the root; MixedPrecisionPolicy(bf16 params, fp32 reduce)
 over fp32 master weights (whatever dtype the backbones were saved in), or fp32 throughout; the frozen vision tower
