@@ -1,0 +1,121 @@
+"""LoRA (lora.py) and fine-tuning from a whole LLaVA model (--init-from): the adapted model starts as its base, merges
+exactly, trains only adapters and projector, is saved in PEFT's layout and loads on its base; resume and two ranks
+reproduce one uninterrupted process; a run from a whole checkpoint in each layout begins from that model's logits.
+CPU, gloo, fp32, tiny random models."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import checkpoints
+import finetune
+import lora
+import real_format as rf
+import train
+from tools import convert
+from data import IMAGE_TOKEN_INDEX, UserError
+from model import LlavaConfig, LlavaModel
+from test_train import flags, losses, max_diff, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+LORA = dict(lora_r=4, lora_alpha=8, lr=1e-2, mm_projector_lr=2e-3)
+
+
+def inputs(model, seed=0):
+    """A sequence with one image, and its pixels."""
+    n = model.num_image_tokens
+    ids = torch.tensor([[1, 31, 29, 40] + [IMAGE_TOKEN_INDEX] * n + [13, 57, 88, 9, 2]])
+    size = model.vision_tower.config.image_size
+    return ids, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, seed=0):
+    with torch.no_grad():
+        return model.eval()(*(lambda ids, px: (ids, None, px))(*inputs(model, seed)))
+
+
+def test_adapters_start_as_the_base_and_merge_exactly(backbones):
+    """B = 0: the adapted model's logits are the base's, bit for bit; with B non-zero, each layer computes
+    W x + b + (alpha / r) B A x (written out here), and merging gives the unmerged logits in fp32."""
+    vision, llm = backbones
+    model = LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm))
+    base = logits(model)
+    targets = lora.add_adapters(model.language_model, r=4, alpha=8, dropout=0.05)
+    assert targets == LLAMA_LINEARS  # every Linear of the LLM but lm_head (LLaVA's find_all_linear_names)
+    assert not isinstance(model.language_model.lm_head, lora.LoraLinear)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n in dict(model.named_parameters()) if ".lora_" in n or n.startswith("multi_modal_projector.")}
+    assert torch.equal(logits(model), base)
+    torch.manual_seed(1)
+    for _, layer in lora.adapted(model.language_model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    layer = model.language_model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, layer.base_layer.in_features)
+    expected = x @ layer.base_layer.weight.T + 2.0 * (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
+    assert (layer.eval()(x) - expected).abs().max() < 1e-6
+    unmerged = logits(model)
+    assert (unmerged - base).abs().max() > 1e-3  # the adapters do something
+    lora.merge(model.language_model)
+    assert not lora.adapted(model.language_model)
+    assert set(model.state_dict()) == set(LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm),
+                                                                 empty=True).state_dict())
+    assert (logits(model) - unmerged).abs().max() < 1e-6
+
+
+def trained_layers(state):
+    return {k.split(".layers.")[1].split(".")[0] for k in state if ".layers." in k and k.startswith("language_model.")}
+
+
+def test_lora_run_trains_adapters_and_projector_resumes_exactly_and_saves_peft_files(world, tmp_path, monkeypatch):
+    """A LoRA run (dropout on: the resumed run must restore each rank's RNG) equals its interrupted-and-resumed twin
+    exactly; the base LLM and the tower are bit-for-bit the backbones'; the output is PEFT's files plus the projector,
+    loads on its base with the trained model's logits, and merges into a full model with the same logits."""
+    from test_train import backbone_weights
+
+    straight = run(world, tmp_path / "straight", max_steps=4, save_every=2, **LORA)
+    save = train.save_checkpoint
+
+    def save_then_die(model, optimizer, step, *args):
+        save(model, optimizer, step, *args)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, tmp_path / "resumed", max_steps=4, save_every=2, **LORA)
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    with pytest.raises(UserError, match="--lora-r was 4, now 8"):
+        run(world, tmp_path / "resumed", max_steps=4, save_every=2, resume=True, **{**LORA, "lora_r": 8})
+    resumed = run(world, tmp_path / "resumed", max_steps=4, save_every=2, resume=True, **LORA)
+    assert max_diff(straight, resumed) == 0
+    assert losses(tmp_path / "straight")[2:] == losses(tmp_path / "resumed")[2:]
+
+    vision, llm = backbone_weights(world)
+    base = {k.replace(f".{m}.", f".{m}.base_layer."): v for k, v in llm.items() for m in LLAMA_LINEARS
+            if f".{m}." in k} | {k: v for k, v in llm.items() if not any(f".{m}." in k for m in LLAMA_LINEARS)}
+    assert all(torch.equal(straight[k], v) for k, v in {**vision, **base}.items())
+    changed = {k for k, v in straight.items() if k.endswith("lora_B.weight") and v.abs().max() > 0}
+    every_b = {k for k in straight if k.endswith("lora_B.weight")}
+    assert changed == every_b and len(every_b) == 7 * len(trained_layers(straight))
+    out = tmp_path / "straight"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["target_modules"], config["bias"],
+            config["base_model_name_or_path"]) == ("LORA", 4, 8, LLAMA_LINEARS, "none", world["llm"])
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in adapter and len(adapter) == 2 * len(every_b)
+    assert {k.split(".", 1)[0] for k in load_file(out / "model.safetensors")} == {"multi_modal_projector"}
+
+    trained = checkpoints.load(str(out))
+    for name, value in straight.items():
+        assert torch.equal(trained.state_dict()[name], value), name
+    unmerged = logits(trained)
+    convert.main(["merge", str(out), str(tmp_path / "merged")])
+    merged = checkpoints.load(str(tmp_path / "merged"))
+    assert not lora.adapted(merged.language_model)
+    assert (logits(merged) - unmerged).abs().max() < 1e-5
