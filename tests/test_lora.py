@@ -119,3 +119,75 @@ def test_lora_run_trains_adapters_and_projector_resumes_exactly_and_saves_peft_f
     merged = checkpoints.load(str(tmp_path / "merged"))
     assert not lora.adapted(merged.language_model)
     assert (logits(merged) - unmerged).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    """Tiny models saved as the real repos are (real_format.py), and liuhaotian/llava-v1.5-7b's imported into ours."""
+    root = tmp_path_factory.mktemp("repos")
+    folders = rf.hub_repos(root, clip_id=str(root / rf.CLIP))
+    convert.import_checkpoint(folders[rf.LLAVA], str(root / "ours"))
+    return {**folders, "ours": str(root / "ours"), "data": str(root / "data"),
+            "finetune": rf.finetune_data(str(root / "data"))}
+
+
+def start(repos, **overrides):
+    """The model a fine-tuning run on the Vicuna- and CLIP-shaped repos starts from (build_model, fp32)."""
+    settings = dict(vision_tower=repos[rf.CLIP], llm=repos[rf.VICUNA], data_path=repos["finetune"],
+                    image_folder=repos["data"], precision="fp32", activation_checkpointing=False)
+    cfg = train.TrainConfig(**{**finetune.STAGE_2, **settings, **overrides})
+    device = train.init_distributed()
+    try:
+        return train.build_model(cfg, device)
+    finally:
+        train.dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", ["ours", rf.LLAVA, rf.LLAVA_HF])
+def test_init_from_a_whole_model_begins_from_its_logits(repos, layout):
+    """--init-from a whole LLaVA checkpoint (ours, the original layout, llava-hf) takes its LLM and projector: the
+    run's first model gives that checkpoint's logits (llava-hf's added vocabulary rows dropped; the tower is
+    --vision-tower's, here CLIP's fp32 weights, where llava-hf's copy of it is fp16), with LoRA on too (B = 0); a
+    stage-1 directory still gives only the projector (the LLM is --llm's)."""
+    from model import load_vision_tower
+
+    source = checkpoints.load(repos[layout], dtype=torch.float32)
+    source.vision_tower = load_vision_tower(repos[rf.CLIP], torch.float32)
+    expected = logits(source)[..., :320]
+    for overrides in ({}, dict(lora_r=4, lora_alpha=8)) if layout == "ours" else ({},):
+        model = start(repos, init_from=repos[layout], **overrides)
+        got = logits(model)
+        assert got.shape[-1] == 320 and (got - expected).abs().max() < 1e-5, (layout, overrides)
+    if layout == rf.LLAVA:
+        model = start(repos, init_from=repos[rf.LLAVA_STAGE1])
+        vicuna = checkpoints.read_weights(repos[rf.VICUNA])["model.layers.0.mlp.up_proj.weight"]
+        assert torch.equal(model.state_dict()["language_model.model.layers.0.mlp.up_proj.weight"].full_tensor(),
+                           vicuna.float())
+
+
+def test_init_from_a_model_of_another_llm_is_refused(repos, backbones):
+    with pytest.raises(UserError, match="--init-from .*pass the --llm and --vision-tower it was fine-tuned from"):
+        start(repos, init_from=repos["ours"], llm=backbones[1])
+
+
+def test_two_ranks_with_lora_equal_one_process(world, tmp_path):
+    """LoRA under FSDP2 over two ranks (gloo), activation checkpointing on, trains what one process trains without
+    it: the same losses, the same adapters and projector up to summation order (dropout off: each rank draws its own
+    masks)."""
+    common = dict(max_steps=2, lora_dropout=0.0, **{**LORA, "lr": 1e-3, "mm_projector_lr": 1e-4})
+    one = run(world, tmp_path / "one", **common)
+    argv = flags(world, tmp_path / "two", "finetune", activation_checkpointing=True, **common)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29541", os.path.join(ROOT, "finetune.py"), *argv], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = {f"multi_modal_projector.{k.split('multi_modal_projector.')[1]}": v
+           for k, v in load_file(tmp_path / "two" / "model.safetensors").items()}
+    two.update({"language_model." + lora.from_peft_key(k): v
+                for k, v in load_file(tmp_path / "two" / "adapter_model.safetensors").items()})
+    assert len(two) > 4
+    diffs = torch.cat([(one[k] - two[k]).abs().flatten() for k in two])
+    # (as test_real_format.py's two-rank test: AdamW's first steps magnify summation-order rounding for gradients
+    # near eps; a broken step moves most weights by a large fraction of lr)
+    assert diffs.max() < 0.05 * 1e-3 and (diffs > 1e-6).float().mean() < 1e-3, (diffs.max(), (diffs > 1e-6).sum())
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "one"), losses(tmp_path / "two"))) < 1e-6
