@@ -185,9 +185,10 @@ def whole_model_weights(path, expected):
     to a multiple of 64) for ids the run's tokenizer never produces, which are dropped. The error names the tensor
     and says which --llm to pass."""
     model = load(path)
-    weights = {k: v for k, v in model.state_dict().items() if k.startswith(("language_model.", "multi_modal_projector."))}
+    kept = ("language_model.", "multi_modal_projector.")
+    weights = {k: v for k, v in model.state_dict().items() if k.startswith(kept)}
     del model
-    wanted = {k: tuple(s) for k, s in expected.items() if k.startswith(("language_model.", "multi_modal_projector."))}
+    wanted = {k: tuple(s) for k, s in expected.items() if k.startswith(kept)}
     lacking, extra = sorted(wanted.keys() - weights.keys()), sorted(weights.keys() - wanted.keys())
     if lacking or extra:
         raise UserError(f"{path} is a model of another architecture than --llm's: it lacks {lacking[:3]} and has "

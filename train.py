@@ -674,9 +674,9 @@ def export_model(model, path, tokenizer, image_processor, cfg, final=False):
     """The trained weights, gathered to rank 0, as a directory checkpoints.load (and generate.py) loads.
 
     Frozen modules are not written: checkpoints.load takes them from the config's paths, as LLaVA does. With LoRA,
-    the adapters go to PEFT's files next to the projector (checkpoints.save_adapter), their base is referenced. The final
-    model goes to output_dir itself, written first into a temporary directory whose files then replace the old ones
-    one by one (config.json last), so a crash leaves each file whole.
+    the adapters go to PEFT's files next to the projector (checkpoints.save_adapter); their base is referenced. The
+    final model goes to output_dir itself, written first into a temporary directory whose files then replace the old
+    ones one by one (config.json last), so a crash leaves each file whole.
     """
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                  ignore_frozen_params=True))
@@ -690,7 +690,8 @@ def export_model(model, path, tokenizer, image_processor, cfg, final=False):
                          state_dict={k: v.to(dtype) for k, v in full.items() if k.split(".", 1)[0] in modules})
         if cfg.lora_r:  # the adapters in PEFT's files, kept in fp32 (they are small)
             llm = model.language_model
-            adapters = {k.removeprefix("language_model."): v for k, v in full.items() if k.startswith("language_model.")}
+            adapters = {k.removeprefix("language_model."): v for k, v in full.items()
+                        if k.startswith("language_model.")}
             targets = {name.rsplit(".", 1)[-1] for name, _ in lora.adapted(llm)}
             checkpoints.save_adapter(out, adapters, lora.peft_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                                      targets, lora_base(cfg) or cfg.llm))

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
+import generate
 import finetune
 import lora
 import real_format as rf
@@ -108,7 +109,8 @@ def test_lora_run_trains_adapters_and_projector_resumes_exactly_and_saves_peft_f
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["target_modules"], config["bias"],
             config["base_model_name_or_path"]) == ("LORA", 4, 8, LLAMA_LINEARS, "none", world["llm"])
     adapter = load_file(out / "adapter_model.safetensors")
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in adapter and len(adapter) == 2 * len(every_b)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in adapter
+    assert len(adapter) == 2 * len(every_b)
     assert {k.split(".", 1)[0] for k in load_file(out / "model.safetensors")} == {"multi_modal_projector"}
 
     trained = checkpoints.load(str(out))
@@ -191,3 +193,28 @@ def test_two_ranks_with_lora_equal_one_process(world, tmp_path):
     # near eps; a broken step moves most weights by a large fraction of lr)
     assert diffs.max() < 0.05 * 1e-3 and (diffs > 1e-6).float().mean() < 1e-3, (diffs.max(), (diffs > 1e-6).sum())
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "one"), losses(tmp_path / "two"))) < 1e-6
+
+
+def test_lora_on_a_whole_model_saves_loads_and_resumes_on_that_base(repos, tmp_path):
+    """LoRA on --init-from a whole model (finetune_task_lora.sh): the output references that model as the adapters'
+    base (config.json's lora_base, adapter_config.json's base_model_name_or_path) and loads on it with the trained
+    model's logits; a resume with another --init-from (another base) is refused."""
+    settings = dict(vision_tower=repos[rf.CLIP], llm=repos[rf.VICUNA], data_path=repos["finetune"],
+                    image_folder=repos["data"], output_dir=str(tmp_path / "out"), global_batch_size=2,
+                    micro_batch_size=2, num_workers=0, max_steps=1, warmup_ratio=0.0, save_every=1, precision="fp32",
+                    activation_checkpointing=False, max_length=512, init_from=repos[rf.LLAVA], **LORA)
+    cfg = train.TrainConfig(**{**finetune.STAGE_2, **settings})
+    try:
+        trained = logits(train.train(cfg))
+    finally:
+        train.dist.destroy_process_group()
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text())["lora_base"] == repos[rf.LLAVA]
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == repos[rf.LLAVA]
+    model, _, _ = generate.load(str(out), dtype=torch.float32)
+    assert (logits(model) - trained).abs().max() < 1e-5
+    start = logits(checkpoints.load(repos[rf.LLAVA], dtype=torch.float32))
+    assert (trained - start).abs().max() > 1e-4  # the step moved the adapters
+    with pytest.raises(UserError, match="--init-from was"):
+        train.check_resume(train.saved_checkpoints(str(out))[-1],
+                           train.replace(cfg, resume=True, init_from=repos[rf.LLAVA_HF]))
