@@ -341,7 +341,8 @@ def from_original_llava(path, saved, model_base):
     mm_vision_tower (the checkpoint's own copy is ignored, as LLaVA ignores it); the LLM is the checkpoint's `model.*`
     + `lm_head` weights, or `model_base` for a stage-1 directory (mm_projector.bin). The released configs say
     model_type "llava" (transformers' own Llava type since 4.36): the mm_* keys, not the model type, identify the
-    layout."""
+    layout. A LoRA output of LLaVA's (adapter_config.json, adapter_model.bin, the projector in
+    non_lora_trainables.bin; `llava/model/builder.py`) loads its adapters on `model_base`."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     aspect = saved.get("image_aspect_ratio", "square")
@@ -360,9 +361,14 @@ def from_original_llava(path, saved, model_base):
             raise UserError(f"{path} holds no LLM weights (pytorch_model*.bin or model*.safetensors), as LLaVA's "
                             "stage-1 output (config.json + mm_projector.bin) does not: pass the base LLM as model_base "
                             "(--model-base)")
-        model = llava_model(path, config, tower, from_pretrained_complete(AutoModelForCausalLM, model_base))
-        model.multi_modal_projector.load_state_dict(projector_weights(os.path.join(path, "mm_projector.bin"),
-                                                                      expected=model.multi_modal_projector))
+        llm = from_pretrained_complete(AutoModelForCausalLM, model_base)
+        adapters = os.path.exists(os.path.join(path, ADAPTER_CONFIG))  # a LoRA run's output (finetune_lora.sh)
+        if adapters:
+            load_adapter(llm, path)
+        model = llava_model(path, config, tower, llm)
+        model.multi_modal_projector.load_state_dict(projector_weights(
+            os.path.join(path, "non_lora_trainables.bin" if adapters else "mm_projector.bin"),
+            expected=model.multi_modal_projector))
         return model
     text = {k: v for k, v in saved.items() if not k.startswith("mm_") and k not in ("architectures", "model_type")}
     with params_on_meta(), reading(path, "checkpoint"):
@@ -472,6 +478,8 @@ def load_adapter(llm, path):
     dropout = saved.get("lora_dropout", 0.0)
     lora.add_adapters(llm, r, alpha, dropout if isinstance(dropout, float) and 0 <= dropout < 1 else 0.0, targets)
     weights = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.exists(weights) and os.path.exists(os.path.join(path, "adapter_model.bin")):  # LLaVA's, older PEFT
+        weights = os.path.join(path, "adapter_model.bin")
     try:
         state = {lora.from_peft_key(k): v for k, v in read_file(weights).items()}
     except ValueError as e:

@@ -218,3 +218,42 @@ def test_lora_on_a_whole_model_saves_loads_and_resumes_on_that_base(repos, tmp_p
     with pytest.raises(UserError, match="--init-from was"):
         train.check_resume(train.saved_checkpoints(str(out))[-1],
                            train.replace(cfg, resume=True, init_from=repos[rf.LLAVA_HF]))
+
+
+def test_llavas_own_lora_output_loads_on_its_base_and_imports_merged(repos, tmp_path):
+    """A LoRA output of LLaVA's train.py (config.json with mm_* keys, adapter_config.json + adapter_model.bin, the
+    projector in non_lora_trainables.bin under PEFT's prefix) loads on --model-base as the same model built by hand
+    (Vicuna + those adapters merged + that projector); convert.py import writes it merged, in our layout (in the
+    base's fp16)."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path / "llava-v1.5-7b-lora"
+    folder.mkdir()
+    shutil.copy(os.path.join(repos[rf.LLAVA], "config.json"), folder)
+    llm = LlamaForCausalLM.from_pretrained(repos[rf.VICUNA], dtype=torch.float32)
+    targets = lora.add_adapters(llm, r=4, alpha=8, dropout=0.05)
+    torch.manual_seed(2)
+    for _, layer in lora.adapted(llm):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    checkpoints.save_adapter(str(folder), llm.state_dict(), lora.peft_config(4, 8, 0.05, targets, "lmsys/vicuna"))
+    adapter = load_file(folder / "adapter_model.safetensors")
+    os.remove(folder / "adapter_model.safetensors")
+    torch.save(adapter, folder / "adapter_model.bin")
+    projector = checkpoints.projector_weights(repos[rf.LLAVA])
+    torch.save({f"base_model.model.model.mm_projector.{2 * (int(k[7]) - 1)}.{k.split('.')[-1]}": v
+                for k, v in projector.items()}, folder / "non_lora_trainables.bin")
+
+    lora.merge(llm)
+    by_hand = LlavaModel(LlavaConfig(vision_tower=repos[rf.CLIP], llm=repos[rf.VICUNA]),
+                         checkpoints.load_vision_tower(repos[rf.CLIP], torch.float32), llm)
+    by_hand.multi_modal_projector.load_state_dict(projector)
+    expected = logits(by_hand.float())
+    loaded = checkpoints.load(str(folder), dtype=torch.float32, model_base=repos[rf.VICUNA])
+    assert len(lora.adapted(loaded.language_model)) == len(adapter) // 2
+    assert (logits(loaded) - expected).abs().max() < 1e-5
+    convert.main(["import", str(folder), str(tmp_path / "ours"), "--model-base", repos[rf.VICUNA]])
+    imported = checkpoints.load(str(tmp_path / "ours"))  # merged in the base's dtype: Vicuna's fp16
+    assert imported.language_model.model.layers[0].mlp.up_proj.weight.dtype == torch.float16
+    assert (logits(imported.float()) - expected).abs().max() < 2e-3

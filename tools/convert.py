@@ -39,7 +39,9 @@ from model import params_on_meta  # noqa: E402
 
 
 def import_checkpoint(source, out, model_base=None):
+    """Any layout checkpoints.load reads, written in ours; LoRA adapters (LLaVA's LoRA outputs) merged first."""
     model = checkpoints.load(source, model_base=model_base)
+    lora.merge(model.language_model)
     tokenizer, processor = load_tokenizer_and_processor(source, model.config)
     checkpoints.save(model, out)
     tokenizer.save_pretrained(out)
