@@ -257,3 +257,48 @@ def test_llavas_own_lora_output_loads_on_its_base_and_imports_merged(repos, tmp_
     imported = checkpoints.load(str(tmp_path / "ours"))  # merged in the base's dtype: Vicuna's fp16
     assert imported.language_model.model.layers[0].mlp.up_proj.weight.dtype == torch.float16
     assert (logits(imported.float()) - expected).abs().max() < 2e-3
+
+
+def test_lora_holds_the_frozen_base_in_bf16_and_memory_counts_it(tmp_path, monkeypatch):
+    """train.py's sharded LoRA model at world size 2 (the fake process group of tools/memory.py, the real configs
+    shrunk): the base (every LLM weight but the adapters) is bf16 and frozen, the adapters and projector fp32 and
+    trainable, tools/memory.py counts the weights at those dtypes, and its --measure step runs."""
+    import tools.memory as memory
+    from transformers import AutoConfig
+
+    for name, folder in [("llm", memory.LLMS["7b"]), ("vision", memory.CLIP_L_336)]:
+        config = AutoConfig.from_pretrained(folder)
+        if name == "vision":
+            config.vision_config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4))
+        else:
+            config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=4))
+        config.save_pretrained(tmp_path / name)
+    monkeypatch.setitem(memory.LLMS, "tiny", str(tmp_path / "llm"))
+    monkeypatch.setattr(memory, "CLIP_L_336", str(tmp_path / "vision"))
+    memory.fake_world(2)
+    try:
+        model, cfg = memory.build_sharded("tiny", lora_r=8)
+        assert (cfg.lora_r, cfg.lora_alpha, cfg.lr, cfg.mm_projector_lr) == (8, 256, 2e-4, 2e-5)
+        for name, p in model.named_parameters():
+            adapter = ".lora_A." in name or ".lora_B." in name
+            if name.startswith("language_model."):
+                assert p.requires_grad == adapter and p.dtype == (torch.float32 if adapter else torch.bfloat16), name
+            elif name.startswith("multi_modal_projector."):
+                assert p.requires_grad and p.dtype == torch.float32
+        params, trainable = memory.sharded(model), memory.trainable(model)
+        items = memory.arithmetic(model, micro_batch=2, seq_len=600)
+        frozen = memory.local_numel([p for p in params if not p.requires_grad])
+        assert items["weights: fp32 masters (+ LoRA's frozen bf16 base), sharded"] == \
+            2 * frozen + 4 * memory.local_numel(trainable)
+        assert items["AdamW m and v, fp32 (sharded)"] == 8 * memory.local_numel(trainable)
+        groups = {g["name"]: g for g in train.make_optimizer(model, cfg).param_groups}
+        assert set(groups) == {"decay", "projector_decay", "projector_no_decay"}  # adapters have no 1-D tensor
+        assert train.peak_lr(groups["projector_decay"], cfg) == 2e-5 and train.peak_lr(groups["decay"], cfg) == 2e-4
+        for name in ("reset_peak_memory_stats", "synchronize"):  # --measure's path, its CUDA calls stubbed
+            monkeypatch.setattr(torch.cuda, name, lambda device: None)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 0)
+        assert memory.measure(model, cfg, 1, 600, torch.device("cpu"), steps=1)[1] > 0
+    finally:
+        train.dist.destroy_process_group()
