@@ -173,7 +173,8 @@ def holds_llm(path):
     if saved.get("model_type") == "llava":
         return True
     if {"projector_type", "vision_config", "text_config"} & saved.keys() and has_weights(path):
-        return any(k.startswith("language_model.") for k in weight_names(path))
+        adapters = os.path.exists(os.path.join(path, ADAPTER_CONFIG))  # a LoRA run's output: its LLM is base + adapters
+        return adapters or any(k.startswith("language_model.") for k in weight_names(path))
     return False
 
 
@@ -182,9 +183,10 @@ def whole_model_weights(path, expected):
     model whose state dict shapes are `expected` ({name: shape}, built from the run's --llm and --vision-tower).
     Every projector and LLM tensor must be there with the expected shape, so the run begins from exactly that model;
     one exception: llava-hf's conversion appended rows to the embeddings and the head (`<image>`, `<pad>`, padding
-    to a multiple of 64) for ids the run's tokenizer never produces, which are dropped. The error names the tensor
-    and says which --llm to pass."""
+    to a multiple of 64) for ids the run's tokenizer never produces, which are dropped. A LoRA run's output gives its
+    LLM with the adapters merged. The error names the tensor and says which --llm to pass."""
     model = load(path)
+    lora.merge(model.language_model)
     kept = ("language_model.", "multi_modal_projector.")
     weights = {k: v for k, v in model.state_dict().items() if k.startswith(kept)}
     del model

@@ -5,7 +5,8 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 finetune.py ...
 
 The stages differ in data, template, what is trainable and hyper-parameters, never in code: each stage file is a
-dict of settings and a call to main(). A step (train_step), in order:
+dict of settings and a call to main(). LoRA (--lora-r, lora.py) is a setting too: the LLM frozen under trainable
+adapters; and --init-from a whole LLaVA model starts a run from its LLM and projector. A step (train_step), in order:
 1. Each rank reads grad_accum micro-batches; their supervised tokens are counted and summed over all ranks.
 2. Each micro-batch's loss is its summed cross-entropy divided by that global count (times the world size, because
    FSDP averages gradients over ranks), so the gradient is the mean over every supervised token of the global
