@@ -3,6 +3,7 @@
     model = checkpoints.load("liuhaotian/llava-v1.5-7b")      # a hub id or a local directory, in any layout below
     checkpoints.save(model, "out")                            # config.json + model.safetensors (sharded when large)
     projector = checkpoints.projector_weights("DIR")          # finetune.py --init-from: the projector alone
+    weights = checkpoints.whole_model_weights("DIR", expected)   # --init-from a whole model: projector and LLM
 
 The layouts, recognised from config.json (docs/llava.md section 7):
 - ours: LlavaConfig's fields, the backbones' configs, and safetensors weights named as transformers' Llava names them
@@ -14,6 +15,9 @@ The layouts, recognised from config.json (docs/llava.md section 7):
   `model.*` + `lm_head.*` in .bin shards, the projector as `model.mm_projector.{0,2}.*`; its stage-1 output is
   config.json + mm_projector.bin, whose LLM is the base model it was trained on (`model_base`).
 - transformers' LlavaForConditionalGeneration (the llava-hf repos), read by transformers itself.
+- a LoRA run's output (ours, plus PEFT's adapter_config.json + adapter_model.safetensors; lora.py): the projector in
+  model.safetensors, the adapters put on their base LLM as they load (config.llm, or the whole LLaVA model the run
+  started from, config.json's "lora_base"). tools/convert.py merge folds them in.
 
 Nothing loaded from a file runs code: safetensors, or torch.load(weights_only=True) for .bin files, and a training
 run's sharded state (load_sharded) with its pickles checked first. A file that is
@@ -33,22 +37,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
+import lora
 from data import UserError
 from model import LlavaConfig, LlavaModel, first_line, from_pretrained_complete, load_vision_tower, \
     looks_like_hub_id, params_on_meta, quiet_transformers, reading, resolve
 
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
 BACKBONES = {"vision_tower": ("vision_tower", "vision tower"), "llm": ("language_model", "LLM")}  # field: module, name
+LORA_BASE = "lora_base"  # config.json's field naming the whole model whose LLM a LoRA run's adapters sit on
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 LAYOUTS = ("ours (checkpoints.save: projector_type, vision_config, text_config), the original LLaVA's (mm_vision_tower "
            "and the other mm_* keys) and transformers' Llava (model_type \"llava\", the llava-hf repos)")
 
 
-def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**30):
+def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**30, lora_base=None):
     """config.json + model.safetensors (or shards + model.safetensors.index.json, above max_shard_bytes).
 
     `modules` chooses what is written: stage 1 writes only the projector, and load() then takes the backbones from
     config.vision_tower and config.llm, recorded by reference(). `state_dict` defaults to the model's own (a sharded
-    training run passes the full one it gathered on rank 0).
+    training run passes the full one it gathered on rank 0). `lora_base`: a LoRA run that started from a whole LLaVA
+    model names it, recorded as the backbones are (save_adapter writes the adapters themselves).
 
     Saving over an earlier checkpoint is safe across its files: the old config.json goes first and the new one is
     written last, so a save cut short leaves a directory load() refuses (it has no config.json), never new weights
@@ -63,6 +71,8 @@ def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**3
             config[field], backbones[field] = reference(config[field])
         elif os.path.isdir(config[field]):  # held, but its path still says where it came from (the LLM: the tokenizer)
             config[field] = os.path.abspath(config[field])
+    if lora_base:
+        config[LORA_BASE], backbones[LORA_BASE] = reference(lora_base)
     if backbones:
         config["backbones"] = backbones
     state, seen = {}, set()
@@ -148,6 +158,69 @@ def projector_weights(path, expected=None):
     return out
 
 
+def holds_llm(path):
+    """Whether --init-from `path` is a whole LLaVA model (its LLM included), not a stage-1 output: our layout with
+    language_model.* weights, the original layout with weights beside config.json, or a llava-hf repo."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return False  # mm_projector.bin
+    path = resolve(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    saved = read_config(path)
+    if "mm_vision_tower" in saved:
+        return has_weights(path)
+    if saved.get("model_type") == "llava":
+        return True
+    if {"projector_type", "vision_config", "text_config"} & saved.keys() and has_weights(path):
+        adapters = os.path.exists(os.path.join(path, ADAPTER_CONFIG))  # a LoRA run's output: its LLM is base + adapters
+        return adapters or any(k.startswith("language_model.") for k in weight_names(path))
+    return False
+
+
+def whole_model_weights(path, expected):
+    """--init-from a whole LLaVA model (any layout load reads): its projector and LLM weights under our names, for a
+    model whose state dict shapes are `expected` ({name: shape}, built from the run's --llm and --vision-tower).
+    Every projector and LLM tensor must be there with the expected shape, so the run begins from exactly that model;
+    one exception: llava-hf's conversion appended rows to the embeddings and the head (`<image>`, `<pad>`, padding
+    to a multiple of 64) for ids the run's tokenizer never produces, which are dropped. A LoRA run's output gives its
+    LLM with the adapters merged. The error names the tensor and says which --llm to pass."""
+    model = load(path)
+    lora.merge(model.language_model)
+    kept = ("language_model.", "multi_modal_projector.")
+    weights = {k: v for k, v in model.state_dict().items() if k.startswith(kept)}
+    del model
+    wanted = {k: tuple(s) for k, s in expected.items() if k.startswith(kept)}
+    lacking, extra = sorted(wanted.keys() - weights.keys()), sorted(weights.keys() - wanted.keys())
+    if lacking or extra:
+        raise UserError(f"{path} is a model of another architecture than --llm's: it lacks {lacking[:3]} and has "
+                        f"{extra[:3]} ({len(lacking)} and {len(extra)} tensors); pass the --llm it was fine-tuned from")
+    for name, shape in wanted.items():
+        have = tuple(weights[name].shape)
+        rows_added = name.endswith(("embed_tokens.weight", "lm_head.weight")) and have[1:] == shape[1:] and \
+            have[0] > shape[0]
+        if rows_added:
+            weights[name] = weights[name][:shape[0]]
+        elif have != shape:
+            raise UserError(f"{path}: tensor {name} is {list(have)} there, {list(shape)} in the model --llm and "
+                            "--vision-tower describe; pass the --llm and --vision-tower it was fine-tuned from "
+                            "(--projector-type too, for a projector of another type)")
+    return weights
+
+
+def weight_names(path):
+    """The tensor names of a directory's weights, without reading the tensors (safetensors or an index)."""
+    from safetensors import safe_open
+
+    files = weight_files(path)
+    if files and files[0].endswith(".index.json"):
+        return list(read_json(os.path.join(path, files[0]))["weight_map"])
+    if files and files[0].endswith(".safetensors"):
+        with safe_open(os.path.join(path, files[0]), "pt") as f:
+            return list(f.keys())
+    return list(read_weights(path))
+
+
 def projector_name(key):
     """Our name (linear_N.weight / .bias) of a projector weight in any layout, or None for other weights.
 
@@ -223,9 +296,16 @@ def from_our_layout(path, saved):
     if "language_model" in present:
         with params_on_meta(), reading(path, "checkpoint"):
             llm = AutoModelForCausalLM.from_config(sub_config("text_config"))
+    elif isinstance(saved.get(LORA_BASE), str):
+        llm = load(find_backbone(path, LORA_BASE, saved[LORA_BASE], backbones.get(LORA_BASE))).language_model
+        vocab = saved["text_config"].get("vocab_size")
+        if isinstance(vocab, int) and llm.get_input_embeddings().num_embeddings > vocab:  # llava-hf's added rows,
+            llm.resize_token_embeddings(vocab)                                          # dropped as training did
     else:
         llm = from_pretrained_complete(AutoModelForCausalLM, find_backbone(path, "llm", config.llm,
                                                                            backbones.get("llm")))
+    if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
+        load_adapter(llm, path)
     return assign_weights(llava_model(path, config, tower, llm), state, path)
 
 
@@ -247,7 +327,7 @@ def our_config(path, saved):
                             "save the checkpoint again")
     backbones = saved.get("backbones", {})
     valid = isinstance(backbones, dict) and all(
-        field in BACKBONES and isinstance(r, dict) and isinstance(r.get("fingerprint"), dict)
+        field in (*BACKBONES, LORA_BASE) and isinstance(r, dict) and isinstance(r.get("fingerprint"), dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in r["fingerprint"].items())
         and re.fullmatch("[0-9a-f]{40}", r.get("revision", "0" * 40)) for field, r in backbones.items())
     if not valid:
@@ -263,7 +343,8 @@ def from_original_llava(path, saved, model_base):
     mm_vision_tower (the checkpoint's own copy is ignored, as LLaVA ignores it); the LLM is the checkpoint's `model.*`
     + `lm_head` weights, or `model_base` for a stage-1 directory (mm_projector.bin). The released configs say
     model_type "llava" (transformers' own Llava type since 4.36): the mm_* keys, not the model type, identify the
-    layout."""
+    layout. A LoRA output of LLaVA's (adapter_config.json, adapter_model.bin, the projector in
+    non_lora_trainables.bin; `llava/model/builder.py`) loads its adapters on `model_base`."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     aspect = saved.get("image_aspect_ratio", "square")
@@ -282,9 +363,14 @@ def from_original_llava(path, saved, model_base):
             raise UserError(f"{path} holds no LLM weights (pytorch_model*.bin or model*.safetensors), as LLaVA's "
                             "stage-1 output (config.json + mm_projector.bin) does not: pass the base LLM as model_base "
                             "(--model-base)")
-        model = llava_model(path, config, tower, from_pretrained_complete(AutoModelForCausalLM, model_base))
-        model.multi_modal_projector.load_state_dict(projector_weights(os.path.join(path, "mm_projector.bin"),
-                                                                      expected=model.multi_modal_projector))
+        llm = from_pretrained_complete(AutoModelForCausalLM, model_base)
+        adapters = os.path.exists(os.path.join(path, ADAPTER_CONFIG))  # a LoRA run's output (finetune_lora.sh)
+        if adapters:
+            load_adapter(llm, path)
+        model = llava_model(path, config, tower, llm)
+        model.multi_modal_projector.load_state_dict(projector_weights(
+            os.path.join(path, "non_lora_trainables.bin" if adapters else "mm_projector.bin"),
+            expected=model.multi_modal_projector))
         return model
     text = {k: v for k, v in saved.items() if not k.startswith("mm_") and k not in ("architectures", "model_type")}
     with params_on_meta(), reading(path, "checkpoint"):
@@ -365,6 +451,54 @@ def assign_weights(model, state, path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# LoRA adapters in PEFT's files (lora.py holds the layers and the key names)
+
+
+def save_adapter(path, state, config):
+    """adapter_config.json + adapter_model.safetensors in `path`: `state` is the adapters' tensors under their names
+    inside the LLM (model.layers.0.self_attn.q_proj.lora_A.weight), written under PEFT's keys; `config` is
+    lora.peft_config's."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in lora.adapter_state(state).items()}
+    os.makedirs(path, exist_ok=True)
+    atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda tmp: write_json(tmp, config))
+
+
+def load_adapter(llm, path):
+    """Put the adapters of `path` (PEFT's files) on `llm`, in place: r, lora_alpha and target_modules from
+    adapter_config.json; every adapter tensor must be there, of its shape. Dropout is the saved one (off in eval())."""
+    file = os.path.join(path, ADAPTER_CONFIG)
+    saved = read_json(file)
+    r, alpha, targets = saved.get("r"), saved.get("lora_alpha"), saved.get("target_modules")
+    valid = saved.get("peft_type") == "LORA" and isinstance(r, int) and r >= 1 and \
+        isinstance(alpha, (int, float)) and alpha > 0 and isinstance(targets, list) and targets and \
+        all(isinstance(t, str) for t in targets) and saved.get("bias", "none") == "none" and \
+        not saved.get("use_dora") and not saved.get("use_rslora")
+    if not valid:
+        raise UserError(f"{file}: not a plain LoRA adapter config (peft_type \"LORA\", integer r, lora_alpha, a list "
+                        "of target_modules, bias \"none\", no DoRA or rsLoRA), which is what this project loads")
+    dropout = saved.get("lora_dropout", 0.0)
+    lora.add_adapters(llm, r, alpha, dropout if isinstance(dropout, float) and 0 <= dropout < 1 else 0.0, targets)
+    weights = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.exists(weights) and os.path.exists(os.path.join(path, "adapter_model.bin")):  # LLaVA's, older PEFT
+        weights = os.path.join(path, "adapter_model.bin")
+    try:
+        state = {lora.from_peft_key(k): v for k, v in read_file(weights).items()}
+    except ValueError as e:
+        raise UserError(f"{weights}: {e}") from None
+    expected = {k: p for k, p in llm.named_parameters() if ".lora_A." in k or ".lora_B." in k}
+    lacking, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
+    if lacking or extra or wrong:
+        raise UserError(f"{weights} does not fit its base model with {file}'s r and target_modules: missing "
+                        f"{lacking[:2]}, unexpected {extra[:2]}, of another shape {wrong[:2]}; is it the adapter of "
+                        "this base?")
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(state[k])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The backbones a checkpoint references: recorded by save, found and checked by load
 
 FINGERPRINT_BLOCK = 2**16
@@ -388,7 +522,7 @@ def find_backbone(checkpoint, field, where, record=None):
     trained with: a hub id at the commit save() recorded, and files whose fingerprint is the recorded one. A path that
     is not there, or whose files differ, is a UserError saying so; checkpoints saved before fingerprints were
     recorded (record None) load from whatever is there."""
-    what = BACKBONES[field][1] if field in BACKBONES else "vision tower"
+    what = BACKBONES[field][1] if field in BACKBONES else "LoRA base model" if field == LORA_BASE else "vision tower"
     config = os.path.join(checkpoint, "config.json")
     relative = (f"a relative path in a checkpoint saved before backbone paths were stored absolute is relative to the "
                 f"directory its training ran in: run from there, or write the {what}'s absolute path into {config} "

@@ -5,7 +5,8 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 finetune.py ...
 
 The stages differ in data, template, what is trainable and hyper-parameters, never in code: each stage file is a
-dict of settings and a call to main(). A step (train_step), in order:
+dict of settings and a call to main(). LoRA (--lora-r, lora.py) is a setting too: the LLM frozen under trainable
+adapters; and --init-from a whole LLaVA model starts a run from its LLM and projector. A step (train_step), in order:
 1. Each rank reads grad_accum micro-batches; their supervised tokens are counted and summed over all ranks.
 2. Each micro-batch's loss is its summed cross-entropy divided by that global count (times the world size, because
    FSDP averages gradients over ranks), so the gradient is the mean over every supervised token of the global
@@ -51,9 +52,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 import checkpoints
+import lora
 from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, ChatFormat, DataError, LazySupervisedDataset,
                   ModalityLengthGroupedSampler, UserError, collate, load_image_processor, load_tokenizer)
-from model import LlavaConfig, LlavaModel, supervised_targets
+from model import LlavaConfig, LlavaModel, load_vision_tower, supervised_targets
 
 
 def arg(help, default=MISSING):
@@ -71,9 +73,14 @@ class TrainConfig:
     projector_type: str = arg("linear or mlpNx_gelu", "mlp2x_gelu")
     vision_feature_layer: int = arg("hidden state of the tower the features come from", -2)
     vision_feature_select: str = arg("patch (drop CLS) or cls_patch", "patch")
-    init_from: str = arg("projector weights to start from: a stage-1 output dir, or LLaVA's mm_projector.bin (the "
-                         "file, its directory or its hub repo)", "")
+    init_from: str = arg("what to start from: a stage-1 output dir or LLaVA's mm_projector.bin (the file, its "
+                         "directory or its hub repo) for the projector; or a whole LLaVA model (ours, the original "
+                         "layout, llava-hf; a dir or hub id) for the projector and the LLM", "")
     train_llm: bool = arg("train the LLM with the projector (stage 2); else the projector alone (stage 1)")
+    lora_r: int = arg("LoRA rank: train low-rank adapters on the LLM's linear layers (base frozen, held in the "
+                      "compute dtype) instead of the whole LLM; 0: no LoRA", 0)
+    lora_alpha: int = arg("LoRA alpha: the adapters' update is scaled by alpha / r", 256)
+    lora_dropout: float = arg("dropout on the adapters' input", 0.05)
     # the data
     data_path: str = arg("LLaVA data file (.json list or .jsonl)", "")
     image_folder: str = arg("folder the samples' image paths are relative to", "")
@@ -89,6 +96,7 @@ class TrainConfig:
     global_batch_size: int = arg("samples per optimizer step, over all ranks and accumulation steps")
     micro_batch_size: int = arg("samples per rank per forward/backward")
     lr: float = arg("peak learning rate")
+    mm_projector_lr: float = arg("peak learning rate of the projector (LLaVA's mm_projector_lr); 0: --lr", 0.0)
     warmup_ratio: float = arg("fraction of the steps with a linear warm-up", 0.03)
     weight_decay: float = arg("AdamW weight decay (not applied to biases and norms)", 0.0)
     adam_beta1: float = arg("AdamW beta1", 0.9)
@@ -133,6 +141,10 @@ RULES = {
     "global_batch_size": (lambda v: v >= 1, "at least 1"),
     "micro_batch_size": (lambda v: v >= 1, "at least 1"),
     "lr": (lambda v: v > 0, "above 0"),
+    "mm_projector_lr": (lambda v: v >= 0, "0 (the same as --lr) or more"),
+    "lora_r": (lambda v: v >= 0, "0 (no LoRA) or more"),
+    "lora_alpha": (lambda v: v >= 1, "at least 1"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),
     "warmup_ratio": (lambda v: 0 <= v <= 1, "from 0 to 1"),
     "weight_decay": (lambda v: v >= 0, "0 or more"),
     "adam_beta1": (lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),
@@ -159,6 +171,9 @@ def check_settings(cfg):
         rule = RULES.get(f.name)
         if rule and not rule[0](value):
             raise UserError(f"{flag(f.name)} {value!r}: must be {rule[1]}")
+    if cfg.lora_r and not cfg.train_llm:
+        raise UserError(f"--lora-r {cfg.lora_r}: LoRA adapts the LLM, which this stage keeps frozen (--no-train-llm); "
+                        "use it with finetune.py (--train-llm), or pass --lora-r 0")
 
 
 def parse_config(argv, stage_defaults, presets, description, check_files=False):
@@ -237,7 +252,8 @@ def fit(cfg, device):
 
     tokenizer = named(load_tokenizer, "llm", cfg.llm)  # first: a tokenizer that cannot load fails in seconds
     image_processor = named(load_image_processor, "vision_tower", cfg.vision_tower)
-    model = build_model(replace(cfg, init_from="") if resume_from else cfg, device)
+    # A resumed run takes its trainable weights from the checkpoint; LoRA's frozen base may come from --init-from.
+    model = build_model(replace(cfg, init_from="") if resume_from and not cfg.lora_r else cfg, device)
     fmt = ChatFormat(tokenizer, cfg.template, model.num_image_tokens)
     dataset = LazySupervisedDataset(cfg.data_path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
                                     cfg.max_length, cfg.skip_bad_samples)
@@ -253,16 +269,19 @@ def fit(cfg, device):
     optimizer = make_optimizer(model, cfg)
     step = load_checkpoint(model, optimizer, resume_from) if resume_from else 0
     log = MetricsLog(cfg.output_dir, step, total)
-    flops = FlopCounter(model, cfg.train_llm, device)
+    flops = FlopCounter(model, cfg.train_llm and not cfg.lora_r, device)
     skipped = torch.zeros(len(dataset), dtype=torch.bool)
 
     batches = None
     while step < total:
         if batches is None or step % steps_per_epoch == 0:  # a new epoch, or the resumed one from its step
             sampler.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
+            # The loader draws its workers' seed from a generator of its own: from the global RNG, it would take a
+            # draw where a resumed run does not, and the steps' random numbers (LoRA's dropout) would differ.
             batches = iter(torch.utils.data.DataLoader(
                 ReportErrors(dataset), cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                collate_fn=partial(collate_or_error, pad_id=fmt.pad_id), pin_memory=device.type == "cuda"))
+                collate_fn=partial(collate_or_error, pad_id=fmt.pad_id), pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(cfg.seed)))
         try:
             record = train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, device, skipped)
         except NonFiniteError as e:
@@ -337,9 +356,10 @@ def train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, d
     if counts["supervised_tokens"] == 0:
         raise DataError(f"step {step + 1}: no supervised token in the whole global batch (every reply was cut by "
                         "--max-length or is empty); check the data")
-    lr = cosine_lr(step, total, math.ceil(cfg.warmup_ratio * total), cfg.lr)
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    lr = cosine_lr(step, total, warmup, cfg.lr)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = cosine_lr(step, total, warmup, peak_lr(group, cfg))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     loss, grad_norm = forward_backward(model, micro, counts["supervised_tokens"], trainable, cfg.grad_clip, device)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -470,22 +490,46 @@ def build_model(cfg, device):
     """Every rank builds the model with empty parameters and shards it; rank 0 loads the weights and broadcasts them.
 
     So only rank 0 ever holds a full copy (in CPU memory, in the backbones' saved dtype), and only once.
+    With --init-from a whole LLaVA model, its LLM and projector replace --llm's weights and the fresh projector;
+    with LoRA, rank 0 also draws the adapters' initial values (B = 0), so every world size starts from the same ones.
     """
     model = empty_sharded_model(cfg)
     materialize(model, device)
-    full, projector = {}, {}
+    full = {}
     if dist.get_rank() == 0:
-        try:  # first: a bad path, or a projector of another type or width, fails in seconds
-            if cfg.init_from:
-                projector = checkpoints.projector_weights(cfg.init_from, expected=model.multi_modal_projector)
-        except UserError as e:
-            raise UserError(f"--init-from {e}") from None
-        full = LlavaModel.from_config(cfg.model_config(), dtype="auto").state_dict()
-        full.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
+        full = initial_weights(cfg, model)
     # Each tensor is copied into the rank's shard (or replica) in that parameter's dtype: fp16 -> fp32 is exact.
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     model.train()
     return model
+
+
+def initial_weights(cfg, model):
+    """On rank 0, the full state dict a run starts from, under the names of `model` (LoRA's base layers included)."""
+    projector, whole = {}, {}
+    try:  # first: a bad path, or a projector of another type or width, fails in seconds
+        if cfg.init_from and checkpoints.holds_llm(cfg.init_from):
+            expected = LlavaModel.from_config(cfg.model_config(), empty=True).state_dict()
+            whole = checkpoints.whole_model_weights(cfg.init_from, {k: v.shape for k, v in expected.items()})
+        elif cfg.init_from:
+            projector = checkpoints.projector_weights(cfg.init_from, expected=model.multi_modal_projector)
+    except UserError as e:
+        raise UserError(f"--init-from {e}") from None
+    if whole:  # the tower from --vision-tower, everything else from the whole model
+        tower = load_vision_tower(cfg.vision_tower)
+        full = {**{f"vision_tower.{k}": v for k, v in tower.state_dict().items()}, **whole}
+    else:
+        full = LlavaModel.from_config(cfg.model_config(), dtype="auto").state_dict()
+        full.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
+    for name, layer in lora.adapted(model.language_model):
+        prefix = f"language_model.{name}."
+        for param in ("weight", "bias"):
+            if prefix + param in full:
+                full[f"{prefix}base_layer.{param}"] = full.pop(prefix + param)
+        a = torch.empty(layer.lora_A.weight.shape)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as LoraLinear.reset_adapter, on real memory
+        full[f"{prefix}lora_A.weight"], full[f"{prefix}lora_B.weight"] = a, torch.zeros(layer.lora_B.weight.shape)
+    return full
 
 
 def empty_sharded_model(cfg):
@@ -502,10 +546,17 @@ def prepare(model, cfg):
 
     Checkpointing wraps each decoder layer's forward in torch's non-reentrant checkpoint itself, rather than through
     transformers' switch, whose mechanics differ between the versions GPU nodes and laptops have.
+    With LoRA, the LLM's base weights stay frozen in the compute dtype (bf16: half the memory of fp32 masters; they
+    get no gradient and no optimizer state) and the fp32 adapters train.
     """
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
-    model.language_model.requires_grad_(cfg.train_llm)
+    model.language_model.requires_grad_(cfg.train_llm and not cfg.lora_r)
+    if cfg.lora_r:
+        model.language_model.to(compute_dtype(cfg.precision))
+        lora.add_adapters(model.language_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        for name, p in model.language_model.named_parameters():
+            p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     if cfg.activation_checkpointing:
         for layer in model.language_model.base_model.layers:
             layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
@@ -580,11 +631,23 @@ def read_text(path):
 
 
 def make_optimizer(model, cfg):
-    """AdamW over the trainable parameters; LLaVA's Trainer exempts biases and norms (1-D tensors) from decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    """AdamW over the trainable parameters; LLaVA's Trainer exempts biases and norms (1-D tensors) from decay. With
+    --mm-projector-lr, the projector's parameters form groups of their own at that peak lr (LLaVA's create_optimizer,
+    haotian-liu/LLaVA `llava/train/llava_trainer.py`); each group's name says which (peak_lr)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            own = cfg.mm_projector_lr > 0 and name.startswith("multi_modal_projector.")
+            groups.setdefault(("projector_" if own else "") + ("decay" if p.ndim >= 2 else "no_decay"), []).append(p)
+    order = ("decay", "no_decay", "projector_decay", "projector_no_decay")
+    return torch.optim.AdamW([{"params": groups[k], "name": k, "weight_decay": 0.0 if k.endswith("no_decay") else
+                               cfg.weight_decay} for k in order if k in groups],
+                             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+def peak_lr(group, cfg):
+    """A parameter group's peak learning rate, from the settings (so a resume's --lr takes effect)."""
+    return cfg.mm_projector_lr if group.get("name", "").startswith("projector_") else cfg.lr
 
 
 def cosine_lr(step, total, warmup, peak):
@@ -600,15 +663,24 @@ def cosine_lr(step, total, warmup, peak):
 
 
 def trainable_modules(model):
-    return tuple(name for name, m in model.named_children() if any(p.requires_grad for p in m.parameters()))
+    """The modules a checkpoint writes whole: those that train (with LoRA, the projector: the LLM's adapters go to
+    PEFT's files, its base stays where it was loaded from)."""
+    return tuple(name for name, m in model.named_children() if any(p.requires_grad for p in m.parameters())
+                 and not (name == "language_model" and lora.adapted(m)))
+
+
+def lora_base(cfg):
+    """The whole LLaVA model whose LLM a LoRA run's adapters sit on (--init-from a whole model), or None: --llm."""
+    return cfg.init_from if cfg.lora_r and cfg.init_from and checkpoints.holds_llm(cfg.init_from) else None
 
 
 def export_model(model, path, tokenizer, image_processor, cfg, final=False):
     """The trained weights, gathered to rank 0, as a directory checkpoints.load (and generate.py) loads.
 
-    Frozen modules are not written: checkpoints.load takes them from the config's paths, as LLaVA does. The final
-    model goes to output_dir itself, written first into a temporary directory whose files then replace the old ones
-    one by one (config.json last), so a crash leaves each file whole.
+    Frozen modules are not written: checkpoints.load takes them from the config's paths, as LLaVA does. With LoRA,
+    the adapters go to PEFT's files next to the projector (checkpoints.save_adapter); their base is referenced. The
+    final model goes to output_dir itself, written first into a temporary directory whose files then replace the old
+    ones one by one (config.json last), so a crash leaves each file whole.
     """
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                  ignore_frozen_params=True))
@@ -617,7 +689,16 @@ def export_model(model, path, tokenizer, image_processor, cfg, final=False):
         if final:
             shutil.rmtree(out, ignore_errors=True)
         dtype = compute_dtype(cfg.precision)
-        checkpoints.save(model, out, modules=trainable_modules(model), state_dict={k: v.to(dtype) for k, v in full.items()})
+        modules = trainable_modules(model)
+        checkpoints.save(model, out, modules=modules, lora_base=lora_base(cfg),
+                         state_dict={k: v.to(dtype) for k, v in full.items() if k.split(".", 1)[0] in modules})
+        if cfg.lora_r:  # the adapters in PEFT's files, kept in fp32 (they are small)
+            llm = model.language_model
+            adapters = {k.removeprefix("language_model."): v for k, v in full.items()
+                        if k.startswith("language_model.")}
+            targets = {name.rsplit(".", 1)[-1] for name, _ in lora.adapted(llm)}
+            checkpoints.save_adapter(out, adapters, lora.peft_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                                                     targets, lora_base(cfg) or cfg.llm))
         tokenizer.save_pretrained(out)
         if image_processor is not None:
             image_processor.save_pretrained(out)
@@ -739,6 +820,8 @@ def check_resume(path, cfg):
     for key in ("vision_tower", "llm", "data_path", "image_folder"):  # the same file, however it was spelt
         before[key], now[key] = (same_path(before.get(key)), same_path(now[key]))
     changed = [k for k in now if k in before and before[k] != now[k] and k not in RESUME_MAY_CHANGE]
+    if now.get("lora_r") and before.get("init_from") != now["init_from"]:  # LoRA's frozen base may come from it
+        changed.append("init_from")
     refused = [k for k in changed if k not in RESUME_WARNS]
     if refused:
         listed = "; ".join(f"{flag(k)} was {before[k]!r}, now {now[k]!r}" for k in refused)

@@ -4,6 +4,7 @@
     python tools/convert.py import DIR_WITH_mm_projector.bin out/stage1 --model-base lmsys/vicuna-7b-v1.5
     python tools/convert.py import llava-hf/llava-1.5-7b-hf out/llava-1.5-7b               # transformers' layout
     python tools/convert.py export runs/toy/finetune out/toy-hf                            # ours -> llava-hf
+    python tools/convert.py merge runs/lora out/merged                 # a LoRA run's adapters folded into a full model
 
 `import` writes our layout (config.json + safetensors + tokenizer + image processor), which generate.py, evaluate.py
 and finetune.py --init-from read; checkpoints.load also reads the source layouts directly. `export` writes
@@ -12,7 +13,9 @@ a directory that transformers' LlavaForConditionalGeneration.from_pretrained and
 vision_feature_layer and vision_feature_select_strategy set, LLaVA's pad-to-square kept in the image processor, and
 a chat template (chat_template.jinja, read by the processor and the tokenizer) that renders the model's own prompt,
 system prompt included, so apply_chat_template (lmms-eval's llava_hf, vLLM, other servers) prompts it as it was
-trained. llava-hf's own template drops the system prompt.
+trained. llava-hf's own template drops the system prompt. `merge` loads a LoRA run's output (PEFT's adapter files
+and the projector, on their base), adds each adapter's (alpha / r) B A to its base weight and writes the whole model
+in our layout, which then exports like any other.
 Nothing pickled is ever executed: safetensors, or torch.load(weights_only=True) for .bin files.
 """
 
@@ -30,12 +33,29 @@ import torch  # noqa: E402
 from data import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, LLAVA_V1_SYSTEM, VICUNA_SYSTEM, ChatFormat  # noqa: E402
 from data import UserError, load_tokenizer_and_processor, render  # noqa: E402
 import checkpoints  # noqa: E402
+import lora  # noqa: E402
 from generate import USER_ERRORS, exit_with  # noqa: E402
 from model import params_on_meta  # noqa: E402
 
 
 def import_checkpoint(source, out, model_base=None):
+    """Any layout checkpoints.load reads, written in ours; LoRA adapters (LLaVA's LoRA outputs) merged first."""
     model = checkpoints.load(source, model_base=model_base)
+    lora.merge(model.language_model)
+    tokenizer, processor = load_tokenizer_and_processor(source, model.config)
+    checkpoints.save(model, out)
+    tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
+    return model
+
+
+def merge_lora(source, out):
+    """A LoRA run's output as a full model: the adapters merged into their base weights (lora.merge), saved whole."""
+    model = checkpoints.load(source)
+    if not lora.adapted(model.language_model):
+        raise UserError(f"source {source}: holds no LoRA adapters ({checkpoints.ADAPTER_CONFIG}); merge takes a LoRA "
+                        "run's output (finetune.py --lora-r)")
+    lora.merge(model.language_model)
     tokenizer, processor = load_tokenizer_and_processor(source, model.config)
     checkpoints.save(model, out)
     tokenizer.save_pretrained(out)
@@ -169,7 +189,7 @@ def export_llava_hf(model, tokenizer, image_processor, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("direction", choices=["import", "export"])
+    p.add_argument("direction", choices=["import", "export", "merge"])
     p.add_argument("source")
     p.add_argument("out")
     p.add_argument("--model-base", help="import: the base LLM of a stage-1 (mm_projector.bin) directory")
@@ -182,13 +202,15 @@ def main(argv=None):
             raise UserError(f"out {args.out}: a file; name a directory for the converted model")
         if args.direction == "import":
             import_checkpoint(args.source, args.out, args.model_base)
+        elif args.direction == "merge":
+            merge_lora(args.source, args.out)
         else:
             model = checkpoints.load(args.source)
             tokenizer, processor = load_tokenizer_and_processor(args.source, model.config)
             export_llava_hf(model, tokenizer, processor, args.out)
     except (*USER_ERRORS, ValueError) as e:  # ValueError: a model this conversion has no equivalent for
         exit_with(e)
-    print(f"{args.direction}ed {args.source} -> {args.out}")
+    print(f"{args.direction.removesuffix('e')}ed {args.source} -> {args.out}")
 
 
 if __name__ == "__main__":

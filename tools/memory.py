@@ -1,12 +1,15 @@
-"""Per-GPU memory of LLaVA-1.5 stage 2 (full fine-tuning) at world size 8: arithmetic, and the real shard sizes.
+"""Per-GPU memory of LLaVA-1.5 stage 2, full or LoRA, at any world size: arithmetic, and the real shard sizes.
 
     python tools/memory.py                         # 7B and 13B: shard sizes under a simulated world of 8 + arithmetic
+    python tools/memory.py --world-size 1 --lora-r 128 --micro-batch-size 4     # LoRA (LLaVA's r) on one GPU
+    python tools/memory.py --world-size 1          # full fine-tuning on one GPU, and the smallest world it fits
     python tools/memory.py --measure --model 7b    # on a GPU: one real rank of a simulated world of 8, one full step
 
 The model is built exactly as train.py builds it, from the real backbones' configs (tools/real_configs/: Vicuna-7B
 or -13B v1.5, CLIP ViT-L/14-336) without their weights: empty parameters, FSDP2 per decoder layer then the root, the
-frozen tower replicated in bf16 outside FSDP, bf16 compute over fp32 master weights; but in one process that believes
-it is rank 0 of 8 (torch's fake process group: collectives do nothing). Counting the local shards gives the exact
+frozen tower replicated in bf16 outside FSDP, bf16 compute over fp32 master weights (with --lora-r, the LLM's frozen
+base in bf16 and fp32 adapters); but in one process that believes it is rank 0 of N (torch's fake process group:
+collectives do nothing). Counting the local shards gives the exact
 per-rank size of the sharded state. With --measure the rank also allocates its shards on the GPU, runs forward,
 backward and AdamW on a batch of real shapes, and reports torch.cuda.max_memory_allocated: what one of 8 real GPUs
 would hold (the gathered weights are garbage, the memory is real). Arithmetic follows docs/performance.md
@@ -37,11 +40,13 @@ def fake_world(world_size):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
 
 
-def build_sharded(size):
+def build_sharded(size, lora_r=0):
     import finetune
     import train
 
-    cfg = train.TrainConfig(**{**finetune.STAGE_2, "vision_tower": CLIP_L_336, "llm": LLMS[size]})
+    lora = dict(finetune.PRESETS["llava-1.5-7b-lora"], lora_r=lora_r) if lora_r else {}
+    settings = {k: v for k, v in lora.items() if k.startswith(("lora_", "mm_projector_lr", "lr"))}
+    cfg = train.TrainConfig(**{**finetune.STAGE_2, **settings, "vision_tower": CLIP_L_336, "llm": LLMS[size]})
     return train.empty_sharded_model(cfg), cfg
 
 
@@ -54,7 +59,8 @@ def sharded(model):
 
 
 def arithmetic(model, micro_batch, seq_len, supervised=256, ce_chunk=2048):
-    """Bytes per rank, by item, for stage 2 with FSDP2 full sharding, bf16 compute, activation checkpointing."""
+    """Bytes per rank, by item, for stage 2 with FSDP2 full sharding, bf16 compute, activation checkpointing. The
+    sharded weights are counted at their dtypes: fp32 masters of what trains, bf16 for LoRA's frozen base."""
     text = model.language_model.config
     d, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
     params = sharded(model)
@@ -64,7 +70,8 @@ def arithmetic(model, micro_batch, seq_len, supervised=256, ce_chunk=2048):
                if not n.startswith(("vision_tower.", "language_model.model.layers.")))
     tokens = micro_batch * seq_len
     return {
-        "fp32 master weights (sharded)": 4 * local_numel(params),
+        "weights: fp32 masters (+ LoRA's frozen bf16 base), sharded": sum(
+            (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in params),
         "frozen vision tower, bf16 (replicated)": 2 * sum(p.numel() for p in model.vision_tower.parameters()),
         "fp32 gradients (sharded)": 4 * local_numel(trainable),
         "AdamW m and v, fp32 (sharded)": 8 * local_numel(trainable),
@@ -73,6 +80,24 @@ def arithmetic(model, micro_batch, seq_len, supervised=256, ce_chunk=2048):
         "one layer recomputed in backward (~34 B/token/width)": 34 * tokens * d,
         "logits of one CE chunk (fp32 + grad), supervised tokens only": 8 * min(ce_chunk, micro_batch * supervised) * vocab,
     }
+
+
+def trainable(model):
+    return [p for p in sharded(model) if p.requires_grad]
+
+
+def fits(nbytes, gpus=(24, 40, 80), reserve=2 * GiB):
+    """Which GPU sizes (GB) hold `nbytes`, leaving `reserve` for the CUDA context, NCCL and the allocator's slack."""
+    ok = [g for g in gpus if nbytes + reserve <= g * 1e9]
+    return f"fits {ok[0]} GB" if ok else f"over {gpus[-1]} GB"
+
+
+def smallest_world(model, items, world):
+    """The smallest world size at which this rank's total fits 80 GB: the sharded states shrink as 1/world, the
+    rest stays (items were counted at `world`)."""
+    states = sum(v for k, v in items.items() if "sharded" in k)
+    rest = sum(items.values()) - states
+    return next(n for n in range(1, 4097) if rest + states * world / n + 2 * GiB <= 80e9)
 
 
 def measure(model, cfg, micro_batch, seq_len, device, steps=3):
@@ -113,6 +138,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(LLMS), nargs="+", default=sorted(LLMS))
     p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA's rank (LLaVA-1.5's recipe: 128); 0: full fine-tuning")
     p.add_argument("--micro-batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, nargs="+", default=[800, 2048], help="tokens per sample, 576 of them image")
     p.add_argument("--measure", action="store_true", help="also run one real rank on the GPU")
@@ -124,9 +150,11 @@ def main(argv=None):
     fake_world(args.world_size)
     report = {}
     for size in args.model:
-        model, cfg = build_sharded(size)
+        model, cfg = build_sharded(size, args.lora_r)
         total = sum(p.numel() for p in model.parameters())
-        print(f"\nLLaVA-1.5-{size.upper()} stage 2, world size {args.world_size}, micro-batch "
+        how = f"LoRA r {args.lora_r} ({local_numel(trainable(model)) / 1e6:.1f}M trainable here)" if args.lora_r \
+            else "full"
+        print(f"\nLLaVA-1.5-{size.upper()} stage 2, {how}, world size {args.world_size}, micro-batch "
               f"{args.micro_batch_size}: {total / 1e9:.3f}B parameters, {local_numel(sharded(model)) / 1e6:.1f}M "
               "of them sharded on this rank, the tower's "
               f"{sum(p.numel() for p in model.vision_tower.parameters()) / 1e6:.1f}M replicated")
@@ -135,7 +163,9 @@ def main(argv=None):
             print(f"  T = {seq_len}:")
             for name, nbytes in items.items():
                 print(f"    {name:<62} {nbytes / GiB:7.2f} GiB")
-            print(f"    {'total':<62} {sum(items.values()) / GiB:7.2f} GiB")
+            print(f"    {'total':<62} {sum(items.values()) / GiB:7.2f} GiB   {fits(sum(items.values()))}")
+            if not args.lora_r and sum(items.values()) > 80e9:
+                print(f"    {'fits 80 GB from world size':<62} {smallest_world(model, items, args.world_size):7d}")
             entry = {"items_gib": {k: v / GiB for k, v in items.items()}, "total_gib": sum(items.values()) / GiB}
             if args.measure:
                 import train
@@ -143,7 +173,7 @@ def main(argv=None):
                 device = torch.device("cuda")
                 peak, seconds = measure(model, cfg, args.micro_batch_size, seq_len, device)
                 lengths = torch.full((args.micro_batch_size,), seq_len)
-                flops = train.FlopCounter(model, train_llm=True)(lengths, args.micro_batch_size)
+                flops = train.FlopCounter(model, train_llm=not args.lora_r)(lengths, args.micro_batch_size)
                 entry.update(measured_peak_gib=peak / GiB, step_seconds=seconds,
                              tokens_per_s=args.micro_batch_size * seq_len / seconds,
                              mfu_compute_only=flops / seconds / (train.peak_flops(device) or float("nan")))
