@@ -254,6 +254,8 @@ def fit(cfg, device):
     image_processor = named(load_image_processor, "vision_tower", cfg.vision_tower)
     # A resumed run takes its trainable weights from the checkpoint; LoRA's frozen base may come from --init-from.
     model = build_model(replace(cfg, init_from="") if resume_from and not cfg.lora_r else cfg, device)
+    torch.manual_seed(cfg.seed + rank)  # from here each rank draws its own random numbers (dropout masks): the weights
+                                        # were initialised on rank 0 and broadcast
     fmt = ChatFormat(tokenizer, cfg.template, model.num_image_tokens)
     dataset = LazySupervisedDataset(cfg.data_path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
                                     cfg.max_length, cfg.skip_bad_samples)
