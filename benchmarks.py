@@ -5,7 +5,7 @@
 
 One section per benchmark, each with its rule, its scorer and its flags, and the source it follows:
 - ScienceQA-IMG: LLaVA's llava/eval/eval_science_qa.py (letter extraction; the number is the accuracy on questions
-  with an image);
+  with an image); the first paper's GPT-4 ensemble: llava/eval/eval_science_qa_gpt4_requery.py;
 - POPE: llava/eval/eval_pope.py (the "no/not" rule; precision, recall, F1 per split; LLaVA reports the mean F1);
 - VQAv2 / TextVQA: llava/eval/m4c_evaluator.py (EvalAI's answer normalisation and the 10-human soft accuracy) and
   llava/eval/eval_textvqa.py (how a TextVQA answer finds its question);

@@ -15,7 +15,9 @@ The API key is read from an environment variable (--judge-key-env) and only ever
 the --judge-endpoint alone: redirects are not followed (urllib would send the header on to wherever one points), and
 nothing the server answers is printed before the key is struck out of it. It is not logged or written to any file.
 The files are read and written by benchmarks.py; this file asks. chat_completion is the project's one client of such
-an endpoint: tools/instruct_data.py generates LLaVA's instruction data through it too (its flags --gpt-*).
+an endpoint: tools/instruct_data.py generates LLaVA's instruction data through it too (its flags --gpt-*). The same
+client grades MM-Vet (grade_mmvet) and asks GPT-4 again where it and LLaVA disagree on ScienceQA, the first paper's
+ensemble (requery_scienceqa; `evaluate.py score scienceqa_gpt4`).
 """
 
 import argparse
