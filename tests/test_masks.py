@@ -1,6 +1,7 @@
 """data.ChatFormat's masks on the edge cases an adversarial corpus found in LLaVA's own preprocessing: tokenizers
 that merge a reply's first characters into the template, tokenizers that add EOS, and data that spells control
-tokens. Each tokenizer is built offline, of the kind that shows the problem."""
+tokens. Each tokenizer is built offline, of the kind that shows the problem. Then the first paper's llava_v0
+template, with and without <im_start>/<im_end>, against LLaVA v0's own masking algorithm."""
 
 import json
 
