@@ -5,7 +5,7 @@
 
 One section per benchmark, each with its rule, its scorer and its flags, and the source it follows:
 - ScienceQA-IMG: LLaVA's llava/eval/eval_science_qa.py (letter extraction; the number is the accuracy on questions
-  with an image);
+  with an image); the first paper's GPT-4 ensemble: llava/eval/eval_science_qa_gpt4_requery.py;
 - POPE: llava/eval/eval_pope.py (the "no/not" rule; precision, recall, F1 per split; LLaVA reports the mean F1);
 - VQAv2 / TextVQA: llava/eval/m4c_evaluator.py (EvalAI's answer normalisation and the 10-human soft accuracy) and
   llava/eval/eval_textvqa.py (how a TextVQA answer finds its question);
@@ -192,6 +192,23 @@ def sqa_letter(text):
     return found[0] if len(found) == 1 else None
 
 
+def sqa_answer_is(text):
+    """The rule alone that LLaVA's GPT-4 scripts read every answer by: exactly one "The answer is X.", else None."""
+    found = re.findall(r"The answer is ([A-Z]).", text)
+    return found[0] if len(found) == 1 else None
+
+
+def sqa_key(question, path):
+    """The answer letter a question file holds in its gpt turn: the letter itself (LLaVA-1.5's llava_test_CQM-A.json)
+    or a reply ending "The answer is X." (the first paper's QCM-LEA files, tools/scienceqa.py)."""
+    turn = sqa_turn(question, 1, path).strip()
+    key = turn if turn in OPTIONS else sqa_answer_is(turn)
+    if key is None:
+        raise DataError(f"{path}, question {question['id']!r}: its gpt turn is neither an option letter nor an answer "
+                        "saying \"The answer is X.\" once; is it a ScienceQA question file with its answers?")
+    return key
+
+
 def sqa_turn(question, i, path):
     """Turn i of a ScienceQA question's conversation (0: the question, 1: the answer key), or an error naming it."""
     turns = question["conversations"]
@@ -208,7 +225,7 @@ def score_scienceqa(questions_path, answers_path):
     answers = answers_by_id(answers_path, [q["id"] for q in questions])
     right, total, img_right, img_total = 0, 0, 0, 0
     for q in questions:
-        key, letter = sqa_turn(q, 1, questions_path).strip(), sqa_letter(answers.get(str(q["id"]), "FAILED"))
+        key, letter = sqa_key(q, questions_path), sqa_letter(answers.get(str(q["id"]), "FAILED"))
         correct = letter is not None and letter == key
         right, total = right + correct, total + 1
         if "image" in q:
@@ -220,8 +237,102 @@ def score_scienceqa(questions_path, answers_path):
 
 
 def scienceqa_flags(p):
-    p.add_argument("--questions", required=True, help="LLaVA's llava_test_CQM-A.json (the answer key is in it)")
+    p.add_argument("--questions", required=True, help="LLaVA's llava_test_CQM-A.json, or a test file of "
+                                                      "tools/scienceqa.py (the answer key is in it)")
     p.add_argument("--answers", required=True, help="the answers file of `evaluate.py run`")
+
+
+# ScienceQA with GPT-4 as the judge (the first LLaVA paper, section 5.2: 92.53%): where the model's answer and
+# text-only GPT-4's differ, GPT-4 is asked again, shown the question and both answers, for its own final answer
+# (judge.requery_scienceqa; LLaVA released the scorer, llava/eval/eval_science_qa_gpt4_requery.py, not the prompt).
+# The ensemble answer is the requery's where there is one that names a letter, else the model's. Every answer is read
+# by the scripts' one rule, "The answer is X." exactly once (sqa_answer_is); one that does not name a letter counts as
+# wrong, where the scripts draw a random option (random.choice, unseeded), so their numbers vary from run to run.
+
+
+def read_gpt4_outputs(path):
+    """GPT-4's answers as ScienceQA's scripts write their results file: {"outputs": {pid: text}, ...}."""
+    document = read_json(path)
+    require(document, {"outputs": dict}, path)
+    outputs = document["outputs"]
+    bad = next((k for k, v in outputs.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise DataError(f"{path}, outputs[{bad!r}]: not a text; is it a ScienceQA results file with 'outputs'?")
+    return outputs
+
+
+def read_requery(path):
+    """question_id -> the judge's reply, from a requery file (JSON lines {question_id, prompt, text}), if it exists."""
+    return {str(r["question_id"]): r for r in read_jsonl(path, question_id=ID, text=str)} if os.path.exists(path) \
+        else {}
+
+
+def sqa_ensemble(questions, path, ours, gpt4, requery):
+    """The requery script's counts over the question file, in percent of all questions (its numbers are overall
+    accuracies, the paper's too): the model alone, GPT-4 alone, GPT-4 falling back on the model where it names no
+    letter, the ensemble (the judge's answer, else the model's), and the upper bound (either is right)."""
+    counts = Counter()
+    for q in questions:
+        qid, key = str(q["id"]), sqa_key(q, path)
+        our, theirs = sqa_answer_is(ours.get(qid, "")), sqa_answer_is(gpt4[qid])
+        judged = sqa_answer_is(requery[qid]["text"]) if qid in requery else None
+        counts["ours"] += our == key
+        counts["gpt4"] += theirs == key
+        counts["gpt4_failed"] += theirs is None
+        counts["gpt4_or_ours"] += (theirs or our) == key
+        counts["ensemble"] += (judged or our) == key
+        counts["img_ensemble"] += (judged or our) == key and "image" in q
+        counts["upper_bound"] += key in (our, theirs)
+        counts["requeried"] += qid in requery
+        counts["ours_unparsed"] += our is None
+    n, n_img = len(questions), sum("image" in q for q in questions)
+    return {"accuracy": 100 * counts["ensemble"] / n, "correct": counts["ensemble"], "total": n,
+            "img_accuracy": 100 * counts["img_ensemble"] / n_img if n_img else None,
+            "ours_accuracy": 100 * counts["ours"] / n, "gpt4_accuracy": 100 * counts["gpt4"] / n,
+            "gpt4_or_ours_accuracy": 100 * counts["gpt4_or_ours"] / n,
+            "upper_bound": 100 * counts["upper_bound"] / n, "requeried": counts["requeried"],
+            "gpt4_unparsed": counts["gpt4_failed"], "ours_unparsed": counts["ours_unparsed"]}
+
+
+def sqa_disagreements(questions, ours, gpt4):
+    """The questions where the model's letter and GPT-4's differ (one naming none counts as differing)."""
+    return [q for q in questions if sqa_answer_is(ours.get(str(q["id"]), "")) != sqa_answer_is(gpt4[str(q["id"])])]
+
+
+def score_scienceqa_gpt4(args):
+    """Asks the judge about every disagreement the requery file lacks (the API is called only then; each reply is
+    saved as it comes, so a stopped run resumes), then scores the three answer files."""
+    questions = read_questions(args.questions, id=ID, conversations=list)
+    ours = answers_by_id(args.answers, [q["id"] for q in questions])
+    gpt4 = read_gpt4_outputs(args.gpt_answers)
+    lacking = [str(q["id"]) for q in questions if str(q["id"]) not in gpt4]
+    if lacking:
+        raise DataError(f"{args.gpt_answers}: no GPT-4 answer to {len(lacking)} of the {len(questions)} questions, "
+                        f"e.g. {lacking[:3]}; the ensemble needs GPT-4's answer to every question")
+    missing = missing_report([q["id"] for q in questions], ours)
+    requery_path = args.requery or beside(args.answers, ".gpt4-requery.jsonl")
+    requery = read_requery(requery_path)
+    todo = [q for q in sqa_disagreements(questions, ours, gpt4) if str(q["id"]) not in requery]
+
+    def save(qid, record):
+        requery[qid] = record
+        atomic_write(requery_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in requery.values()))
+
+    if todo:
+        judge.requery_scienceqa([(str(q["id"]), sqa_turn(q, 0, args.questions).replace("<image>", "").strip(),
+                                  gpt4[str(q["id"])], ours.get(str(q["id"]), "")) for q in todo], args, save)
+    return {**sqa_ensemble(questions, args.questions, ours, gpt4, requery), "requery": requery_path,
+            "missing": missing}
+
+
+def scienceqa_gpt4_flags(p):
+    p.add_argument("--questions", required=True, help="the question file `run` answered, with its key "
+                                                      "(tools/scienceqa.py's llava_test_QCM-LEA.json)")
+    p.add_argument("--answers", required=True, help="the model's answers file (`evaluate.py run`)")
+    p.add_argument("--gpt-answers", required=True, help="GPT-4's answers, as ScienceQA's results files hold them: "
+                                                        "{\"outputs\": {pid: text}}")
+    p.add_argument("--requery", help="the judge's replies, read and extended (default: next to the answers)")
+    judge.add_endpoint_flags(p, "gpt-4-0314", "the judge (asked only about disagreements the requery file lacks)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1083,6 +1194,8 @@ class Benchmark:
 BENCHMARKS = {
     "scienceqa": Benchmark("ScienceQA-IMG accuracy (LLaVA's SQA number)", scienceqa_flags,
                            lambda a: score_scienceqa(a.questions, a.answers)),
+    "scienceqa_gpt4": Benchmark("ScienceQA with GPT-4 judging disagreements (the first paper's ensemble)",
+                                scienceqa_gpt4_flags, score_scienceqa_gpt4),
     "pope": Benchmark("POPE precision, recall, F1 per split and their mean F1", pope_flags,
                       lambda a: score_pope(a.questions, a.answers, a.labels)),
     "vqa": Benchmark("VQAv2 / TextVQA soft accuracy", vqa_flags, lambda a: score_vqa(a.answers, a.annotations)),

@@ -9,7 +9,8 @@ llava/conversation.py, llava/mm_utils.py):
 - the JSON schema (a list, or JSON lines) of {"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}]};
 - `<image>` moves to the start of its turn, followed by "\n" (LLaVA's preprocess_multimodal);
 - the templates: `plain` (stage 1), `vicuna_v1` (stage 2 and every LLaVA-1.5 benchmark), `llama_2` (llava_llama_2),
-  and `chat_template` (the LLM tokenizer's own Jinja template, for Llama-3- or Qwen-style LLMs);
+  `chat_template` (the LLM tokenizer's own Jinja template, for Llama-3- or Qwen-style LLMs), and `llava_v0` (the
+  first paper's `###` conversations), with `<image>` optionally wrapped in `<im_start>`/`<im_end>`;
 - tokenization in chunks around `<image>` (LLaVA's tokenizer_image_token): each chunk is tokenized on its own, so a
   SentencePiece tokenizer puts its dummy-prefix "▁" after every image, exactly as the released models saw it;
 - each `<image>` becomes N copies of IMAGE_TOKEN_INDEX, N = the tokens the projector emits per image (576 for
@@ -150,7 +151,12 @@ LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligenc
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
                         "that the user provides, and assist the user with a variety of tasks using natural language.")
-TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "chat_template")
+TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "chat_template", "llava_v0")
+# LLaVA v0 (the first paper's models) ends a reply with its separator "###", no EOS: generation stops at this text.
+V0_SEPARATOR = "###"
+# The first paper's --mm_use_im_start_end: each image wrapped in two tokens added to the tokenizer (the model side
+# trains their embeddings); ChatFormat writes them around `<image>` when the tokenizer has them.
+IM_START_TOKEN, IM_END_TOKEN = "<im_start>", "<im_end>"
 
 
 def render(template, messages, tokenizer, add_generation_prompt=False):
@@ -177,6 +183,14 @@ def render(template, messages, tokenizer, add_generation_prompt=False):
             else:
                 text += f" {m['content']} {tokenizer.eos_token}"
         return text
+    if template == "llava_v0":
+        # LLaVA v0's `###` layout as its train.py renders it (_add_speaker_and_signal, FastChat's v0 code): system
+        # + "\n\n", each turn "### Human: q\n" / "### Assistant: a\n", then "### ". The system and roles are
+        # conv_vicuna_v0's. A reply is " a\n###": the model learns to end with the separator, where generation stops.
+        text = LLAVA_V1_SYSTEM + "\n\n"
+        for m in messages:
+            text += f"{V0_SEPARATOR} {'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n"
+        return text + (f"{V0_SEPARATOR} Assistant:" if add_generation_prompt else f"{V0_SEPARATOR} ")
     if template == "chat_template":
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
@@ -187,7 +201,8 @@ def reply_spans(template, messages, tokenizer):
 
     A reply's span is exactly what the template adds after the generation prompt of the history before it, i.e. the
     text the model must write at inference, end token included (" A cat.</s>" for vicuna_v1, "caption\\n" for plain).
-    Chat templates may add whitespace after the end token ("<|im_end|>\\n"): it is never generated, so not supervised.
+    Chat templates may add whitespace after the end token ("<|im_end|>\\n"), llava_v0 a space after its "###": it is
+    never generated, so not supervised.
     """
     full = render(template, messages, tokenizer)
     spans = []
@@ -199,7 +214,7 @@ def reply_spans(template, messages, tokenizer):
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise ValueError(f"template {template!r} does not render conversations incrementally (a prefix of the "
                              "history does not render to a prefix of the prompt), so reply masks cannot be derived")
-        end = len(upto.rstrip()) if template == "chat_template" else len(upto)
+        end = len(upto.rstrip()) if template in ("chat_template", "llava_v0") else len(upto)
         spans.append((len(prompt), end))
     return full, spans
 
@@ -213,9 +228,11 @@ class ChatFormat:
 
     `encode` builds a training sample (ids + labels); `prompt` builds the ids generation starts from. Both go through
     the same code, so training and inference cannot drift: the prompt for a history is a prefix of the training ids.
+    im_start_end: wrap each image in <im_start> ... <im_end> (the first paper's mm_use_im_start_end); None: exactly
+    when the tokenizer has both tokens, which only a model trained with them adds (LLaVA-1.5's do not).
     """
 
-    def __init__(self, tokenizer, template, image_tokens):
+    def __init__(self, tokenizer, template, image_tokens, im_start_end=None):
         if template not in TEMPLATES:
             raise UserError(f"--template: unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
         if template == "chat_template" and not getattr(tokenizer, "chat_template", None):
@@ -228,6 +245,11 @@ class ChatFormat:
         if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens <= 0:
             raise UserError(f"image tokens per image must be a positive integer, got {image_tokens!r}")
         self.tokenizer, self.template, self.image_tokens = tokenizer, template, image_tokens
+        has_im_tokens = {IM_START_TOKEN, IM_END_TOKEN} <= tokenizer.get_vocab().keys()
+        if im_start_end and not has_im_tokens:
+            raise UserError(f"mm_use_im_start_end: the tokenizer has no {IM_START_TOKEN} and {IM_END_TOKEN} tokens; "
+                            "add both to it (and rows to the LLM's embeddings), or train without them")
+        self.im_start_end = has_im_tokens if im_start_end is None else im_start_end
         # LLaVA's own templates rely on the tokenizer's BOS (one, at the very front); chat templates write their own.
         self.prefix = [] if template == "chat_template" else special_prefix(tokenizer)
         # Control tokens come from the template only (render writes them); data that spells one is rejected (check_text)
@@ -319,9 +341,19 @@ class ChatFormat:
                                     f"({chunk[max(0, a - 30):b + 30]!r}), which the tokenizer would read as that "
                                     "token, not as text; remove or reword it, or skip bad samples")
 
+    def wrap_images(self, messages):
+        """LLaVA's preprocess_multimodal with mm_use_im_start_end: each `<image>` (already first in its turn) becomes
+        <im_start><image><im_end>, so the image features sit between the two tokens whose embeddings are learnt.
+        Done after check_text: data that spells either token itself is still refused."""
+        if not self.im_start_end:
+            return messages
+        wrapped = IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN
+        return [{**m, "content": m["content"].replace(IMAGE_TOKEN, wrapped)} for m in messages]
+
     def prompt(self, messages, where="the prompt"):
         """Input ids for generating the next assistant reply after `messages` (which end with a user turn)."""
         self.check_text(messages, where)
+        messages = self.wrap_images(messages)
         text = render(self.template, messages, self.tokenizer, add_generation_prompt=True)
         try:
             history, spans = reply_spans(self.template, messages, self.tokenizer)
@@ -334,6 +366,7 @@ class ChatFormat:
     def encode(self, messages, where="sample"):
         """(input_ids, labels) of a conversation; labels are IGNORE_INDEX except on the assistant replies."""
         self.check_text(messages, where)
+        messages = self.wrap_images(messages)
         try:
             text, spans = reply_spans(self.template, messages, self.tokenizer)
         except DataError:

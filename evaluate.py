@@ -2,6 +2,8 @@
 
     python evaluate.py run --model DIR --questions llava_pope_test.jsonl --image-folder val2014 --answers pope.jsonl
     python evaluate.py score scienceqa --questions llava_test_CQM-A.json --answers sqa.jsonl
+    python evaluate.py score scienceqa_gpt4 --questions llava_test_QCM-LEA.json --answers sqa.jsonl \\
+        --gpt-answers gpt4_test.json     # the first paper's ensemble: GPT-4 asked again where the two disagree
     python evaluate.py score pope --questions llava_pope_test.jsonl --answers pope.jsonl --labels pope_labels_dir
     python evaluate.py score vqa --answers textvqa.jsonl --annotations TextVQA_0.5.1_val.json
     python evaluate.py score gqa --answers gqa.jsonl --annotations testdev_balanced_questions.json
@@ -37,12 +39,13 @@ import fcntl
 import io
 import json
 import os
+import re
 import sys
 import uuid
 
 import generate
 from benchmarks import BENCHMARKS, ID, atomic_write, beside, mmbench_questions, read_questions, require, sqa_turn
-from data import IMAGE_TOKEN, DataError, UserError, load_image, process_image
+from data import IMAGE_TOKEN, V0_SEPARATOR, DataError, UserError, load_image, process_image
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -86,6 +89,18 @@ def image_source(question, folder, path):
     if not os.path.isfile(file):
         raise DataError(f"{path}, question {qid!r}: image file {file} does not exist; check --image-folder")
     return file
+
+
+def separator_stop(fmt):
+    """A llava_v0 model (the first paper's) ends its reply with "###" and never writes EOS: generation stops at that
+    text, as LLaVA's v0 model_vqa_science did (its stopping criterion on "###", the reply cut where it begins)."""
+    return {"stop_strings": (V0_SEPARATOR,)} if fmt.template == "llava_v0" else {}
+
+
+def until_separator(text):
+    """The reply before "###". generate.py keeps the tokens before the one that completes a stop string, so of a
+    "###" written as "##" "#" the "##" is left after the reply's newline: cut that too."""
+    return re.sub(r"\n#{1,2}\s*$", "", text.split(V0_SEPARATOR)[0]).strip()
 
 
 def chunk(questions, n, k):
@@ -179,7 +194,8 @@ def answer_all(args, questions, images, model_id, out):
         pixel_values = torch.stack(pixel_values) if pixel_values else None
         conversations = [[{"role": "user", "content": (IMAGE_TOKEN + "\n" if q[1] else "") + q[2]}] for q in batch]
         texts = generate.answer(model, fmt, conversations, pixel_values, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature)
+                                temperature=args.temperature, **separator_stop(fmt))
+        texts = [until_separator(t) for t in texts] if separator_stop(fmt) else texts
         for (qid, _, _, prompt, extra), text in zip(batch, texts):
             out.write(json.dumps({"question_id": qid, "prompt": prompt, "text": text, **extra,
                                   "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}) + "\n")
@@ -227,8 +243,8 @@ def score(args):
 # The flags naming what is read, and whether each is a file or a folder: checked before anything runs
 INPUTS = {"questions": "file", "image_folder": "folder", "annotations": "file", "labels": "folder",
           "mme_root": "folder", "reviews": "file", "context": "file", "reference": "file", "rules": "file",
-          "mmvet_json": "file", "test_questions": "file"}
-OUTPUTS = ("out", "submission", "grades")  # score's files written (--answers is run's)
+          "mmvet_json": "file", "test_questions": "file", "gpt_answers": "file"}
+OUTPUTS = ("out", "submission", "grades", "requery")  # score's files written (--answers is run's)
 
 
 def check_paths(args):

@@ -15,7 +15,9 @@ The API key is read from an environment variable (--judge-key-env) and only ever
 the --judge-endpoint alone: redirects are not followed (urllib would send the header on to wherever one points), and
 nothing the server answers is printed before the key is struck out of it. It is not logged or written to any file.
 The files are read and written by benchmarks.py; this file asks. chat_completion is the project's one client of such
-an endpoint: tools/instruct_data.py generates LLaVA's instruction data through it too (its flags --gpt-*).
+an endpoint: tools/instruct_data.py generates LLaVA's instruction data through it too (its flags --gpt-*). The same
+client grades MM-Vet (grade_mmvet) and asks GPT-4 again where it and LLaVA disagree on ScienceQA, the first paper's
+ensemble (requery_scienceqa; `evaluate.py score scienceqa_gpt4`).
 """
 
 import argparse
@@ -231,9 +233,10 @@ def add_flags(p):
     endpoint_flags(g, "gpt-4-0314")
 
 
-def add_endpoint_flags(p, default_model):
-    """The judge's endpoint flags alone, for a benchmark whose other flags are its own (MM-Vet)."""
-    endpoint_flags(p.add_argument_group("the judge (asked only for what the grade file lacks)"), default_model)
+def add_endpoint_flags(p, default_model, title="the judge (asked only for what the grade file lacks)"):
+    """The judge's endpoint flags alone, for a benchmark whose other flags are its own (MM-Vet, ScienceQA's GPT-4
+    ensemble)."""
+    endpoint_flags(p.add_argument_group(title), default_model)
 
 
 def endpoint_flags(g, default_model, prefix="judge", model_help="another judge gives other numbers"):
@@ -328,3 +331,30 @@ def grade_mmvet(metadata, results, grades, runs, args, save):
             grade["score"].append(score)
             save(grades)
     return grades
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ScienceQA's GPT-4 ensemble (the first LLaVA paper, section 5.2): where LLaVA and text-only GPT-4 answer differently,
+# GPT-4 is "prompted again, asking it to provide its own final answer based on the question and two outcomes". The
+# paper gives no prompt and LLaVA's code has none (eval_science_qa_gpt4_requery.py reads the replies from a file), so
+# this one is ours, written to that description: the question as the model saw it (context and options, no image),
+# both answers with their reasoning, and the ScienceQA scripts' answer format. Which answer is whose is not said.
+
+SQA_REQUERY_SYSTEM = "You are a helpful assistant."
+SQA_REQUERY = ("{question}\n\nTwo answers to this question follow, each with its reasoning. They disagree.\n\n"
+               "[Answer 1]\n{first}\n[End of Answer 1]\n\n[Answer 2]\n{second}\n[End of Answer 2]\n\n"
+               "Based on the question and the two answers, give your own final answer. Explain briefly, then end with "
+               "\"The answer is X.\", X being the letter of the option.")
+
+
+def requery_scienceqa(cases, args, save):
+    """Asks the judge about each (question_id, question, GPT-4's answer, the model's answer), GPT-4's shown first,
+    and save(question_id, record) each reply as it comes: {question_id, prompt, text, model_id}, the line LLaVA's
+    scorer reads (its --requery-result). Temperature 0: a judge's verdict should not be drawn by lot."""
+    key = api_key(args)
+    for qid, question, gpt4, ours in cases:
+        content = SQA_REQUERY.format(question=question, first=gpt4, second=ours)
+        reply = chat_completion([{"role": "system", "content": SQA_REQUERY_SYSTEM},
+                                 {"role": "user", "content": content}], args.judge_endpoint, args.judge_model, key,
+                                temperature=0.0, retries=args.judge_retries, backoff=args.judge_backoff)
+        save(qid, {"question_id": qid, "prompt": content, "text": reply, "model_id": args.judge_model})

@@ -281,6 +281,8 @@ BENCHMARK_FLAGS = {
     "seed": {"--annotations", "--answers"},
     "mmvet": {"--answers", "--mmvet-json", "--grades", "--runs", "--judge-endpoint", "--judge-model", "--judge-key-env",
               "--judge-retries", "--judge-backoff"},
+    "scienceqa_gpt4": {"--questions", "--answers", "--gpt-answers", "--requery", "--judge-endpoint", "--judge-model",
+                       "--judge-key-env", "--judge-retries", "--judge-backoff"},
     "mmbench_submit": {"--questions", "--answers", "--submission"},
     "mmvet_submit": {"--answers", "--submission"},
     "vqav2_submit": {"--questions", "--answers", "--test-questions", "--submission"},

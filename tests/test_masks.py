@@ -1,14 +1,15 @@
 """data.ChatFormat's masks on the edge cases an adversarial corpus found in LLaVA's own preprocessing: tokenizers
 that merge a reply's first characters into the template, tokenizers that add EOS, and data that spells control
-tokens. Each tokenizer is built offline, of the kind that shows the problem."""
+tokens. Each tokenizer is built offline, of the kind that shows the problem. Then the first paper's llava_v0
+template, with and without <im_start>/<im_end>, against LLaVA v0's own masking algorithm."""
 
 import json
 
 import pytest
 
 import real_format as rf
-from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatFormat, DataError, LazySupervisedDataset, parse_conversation,
-                  render)
+from data import (IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN_INDEX, ChatFormat, DataError,
+                  LazySupervisedDataset, UserError, parse_conversation, render)
 from test_data import CONVERSATIONS, N, conv, supervised_runs, write_dataset
 from tools.tiny import CHATML, CORPUS, llama_tokenizer
 
@@ -185,3 +186,133 @@ def test_the_conversations_of_test_data_are_unchanged(llama_tok, chatml_tok):
         for tok, template in [(llama_tok, "vicuna_v1"), (llama_tok, "llama_2"), (chatml_tok, "chat_template")]:
             fmt = ChatFormat(tok, template, N)
             assert fmt.encode(messages, "x")[0] == fmt.tokenize(render(template, messages, tok))[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. LLaVA v0's `###` conversations (the first paper), with and without <im_start>/<im_end>, against its train.py
+
+
+def llama_with_hashes(im_tokens=False):
+    """tools/tiny.py's Llama tokenizer with Llama's own pieces for "#": "▁###" one token, "###" after a newline two
+    ("##" "#"), so that a turn tokenized alone (BOS + "▁### ...") has as many tokens as in the conversation: the
+    length arithmetic LLaVA v0's masking relies on holds, as with Vicuna's real vocabulary."""
+    from transformers import LlamaTokenizerFast
+
+    model = json.loads(llama_tokenizer().backend_tokenizer.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for piece in ("#", "##", "▁##", "▁###"):
+        vocab[piece] = len(vocab)
+    merges = [tuple(m) for m in model["merges"]] + [("#", "#"), ("▁", "##"), ("▁##", "#")]
+    tok = LlamaTokenizerFast(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                             add_bos_token=True, padding_side="right")
+    assert tok.tokenize("a\n###")[-2:] == ["##", "#"] and tok.tokenize("###") == ["▁###"]
+    if im_tokens:
+        tok.add_tokens([IM_START_TOKEN, IM_END_TOKEN], special_tokens=True)
+    return tok
+
+
+V0_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the human's questions.")
+
+
+def original_tokenize(text, tok):
+    """LLaVA's tokenizer_image_token, one placeholder per image."""
+    chunks = [tok(c).input_ids for c in text.split("<image>")]
+    return [chunks[0][0]] + [t for i, c in enumerate(chunks) for t in ([IMAGE_TOKEN_INDEX] if i else []) + c[1:]]
+
+
+def original_preprocess_v0(turns, tok, im_start_end):
+    """LLaVA's train.py for --version v0 (haotian-liu/LLaVA 44e0562: preprocess_multimodal, then the legacy branch of
+    preprocess: _add_speaker_and_signal, _mask_targets; 8959d5c's FastChat code is the same). Each turn is
+    re-tokenized alone (with its BOS) and masked by those lengths: a human turn keeps its first 2 tokens."""
+    sentences = []
+    for t in turns:
+        value = t["value"]
+        if "<image>" in value:
+            value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+            if im_start_end:
+                value = value.replace("<image>", "<im_start><image><im_end>")
+        role = "Human" if t["from"] == "human" else "Assistant"
+        sentences.append((t["from"], "### " + role + ": " + value + "\n"))
+    header = V0_SYSTEM + "\n\n"
+    text = header + "".join(s for _, s in sentences) + "### "
+    ids = original_tokenize(text, tok)
+    target, cur = list(ids), len(original_tokenize(header, tok))
+    target[:cur] = [IGNORE_INDEX] * cur
+    for speaker, sentence in sentences:
+        n = len(original_tokenize(sentence, tok))
+        if speaker == "human":
+            target[cur + 2:cur + n] = [IGNORE_INDEX] * (n - 2)
+        cur += n
+    prompts = [original_tokenize(header + "".join(s for _, s in sentences[:k + 1]) + "### Assistant:", tok)
+               for k in range(0, len(sentences), 2)]
+    return ids, target, prompts
+
+
+V0_CORPUS = {  # name: (turns, number of images)
+    "image first, multi-turn": (conv("<image>\nWhat is in the image?", "A cat on a mat.", "What color is it?",
+                                     "It is orange.", "Is there a dog?", "No, there is not."), 1),
+    "image last": (conv("What is in the image?\n<image>", "A cat on a mat.", "And the color?", "It is orange."), 1),
+    "text-only": (conv("How many shapes are there?", "Two.", "Describe them.", "A red circle\nand a blue square."), 0),
+    "a reply with its own ###": (conv("<image>\nDescribe it.", "LECTURE: A cat.\n###\nANSWER: A."), 1),
+}
+
+
+def pieces(tok, ids, labels, keep):
+    """The token pieces of each run of positions where keep(i), joined: what those positions spell."""
+    runs, previous = [], False
+    for i, t in enumerate(ids):
+        if keep(i) and not previous:
+            runs.append("")
+        if keep(i):
+            runs[-1] += tok.convert_ids_to_tokens(t)
+        previous = keep(i)
+    return runs
+
+
+@pytest.mark.parametrize("im_start_end", [False, True])
+@pytest.mark.parametrize("name", V0_CORPUS)
+def test_llava_v0_ids_and_prompts_equal_llavas_and_its_labels_are_the_replies(name, im_start_end):
+    tok = llama_with_hashes(im_tokens=im_start_end)
+    turns, n_images = V0_CORPUS[name]
+    messages = parse_conversation(turns, n_images, name)
+    fmt = ChatFormat(tok, "llava_v0", 1)
+    assert fmt.im_start_end == im_start_end  # found in the tokenizer
+    ids, labels = fmt.encode(messages, name)
+    original_ids, original_labels, original_prompts = original_preprocess_v0(turns, tok, im_start_end)
+    assert ids == original_ids  # the same text, tokenized the same way
+    if im_start_end and n_images:
+        at = ids.index(IMAGE_TOKEN_INDEX)
+        assert tok.convert_ids_to_tokens(ids[at - 1:at + 2:2]) == [IM_START_TOKEN, IM_END_TOKEN]
+    # what generation is fed before each reply is what the original trained the model on before it
+    starts = [i for i in range(len(ids)) if labels[i] != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
+    assert [fmt.prompt(messages[:k + 1]) for k in range(0, len(messages), 2)] == original_prompts
+    assert [ids[:s] for s in starts] == original_prompts
+    # ours supervise each reply, its "\n" and the separator that ends it: a subset of what the original supervises
+    ours = {i for i, label in enumerate(labels) if label != IGNORE_INDEX}
+    theirs = {i for i, label in enumerate(original_labels) if label != IGNORE_INDEX}
+    assert ours < theirs
+    replies = [t["value"] for t in turns[1::2]]
+    assert [tok.decode(r) for r in supervised_runs(ids, labels)] == [r + "\n###" for r in replies]
+    # the rest of theirs is template: the "###" after the system prompt, each reply's "### Assistant:" and the
+    # space after the last "###", none of which generation ever writes
+    assert pieces(tok, ids, labels, lambda i: i in theirs - ours) == (
+        ["##" + "#"] + ["".join(tok.tokenize("\n### Assistant:")).split("<0x0A>")[1]] * len(replies) + ["▁"])
+
+
+def test_llava_v0_strings_and_the_im_tokens_option():
+    tok = llama_with_hashes(im_tokens=True)
+    messages = parse_conversation(conv("What is it?\n<image>", "A cat.", "Sure?", "Yes."), 1, "x")
+    assert render("llava_v0", messages, tok) == (
+        V0_SYSTEM + "\n\n### Human: <image>\nWhat is it?\n### Assistant: A cat.\n### Human: Sure?\n"
+        "### Assistant: Yes.\n### ")
+    assert render("llava_v0", messages[:1], tok, add_generation_prompt=True).endswith("?\n### Assistant:")
+    # off on request, or for a tokenizer without the tokens; asked for without them, an error that says what to do
+    plain_ids = ChatFormat(tok, "llava_v0", 1, im_start_end=False).encode(messages)[0]
+    assert tok.convert_tokens_to_ids(IM_START_TOKEN) not in plain_ids
+    assert not ChatFormat(llama_with_hashes(), "llava_v0", 1).im_start_end
+    with pytest.raises(UserError, match="the tokenizer has no <im_start> and <im_end> tokens; add both"):
+        ChatFormat(llama_with_hashes(), "vicuna_v1", 1, im_start_end=True)
+    # data that spells them is refused as any control token is
+    with pytest.raises(DataError, match="spells the control token '<im_start>'"):
+        ChatFormat(tok, "llava_v0", 1).encode(parse_conversation(conv("<im_start>?", "A."), 0, "x"), "x")
