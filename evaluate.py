@@ -39,13 +39,12 @@ import fcntl
 import io
 import json
 import os
-import re
 import sys
 import uuid
 
 import generate
 from benchmarks import BENCHMARKS, ID, atomic_write, beside, mmbench_questions, read_questions, require, sqa_turn
-from data import IMAGE_TOKEN, V0_SEPARATOR, DataError, UserError, load_image, process_image
+from data import IMAGE_TOKEN, DataError, UserError, load_image, process_image
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -89,18 +88,6 @@ def image_source(question, folder, path):
     if not os.path.isfile(file):
         raise DataError(f"{path}, question {qid!r}: image file {file} does not exist; check --image-folder")
     return file
-
-
-def separator_stop(fmt):
-    """A llava_v0 model (the first paper's) ends its reply with "###" and never writes EOS: generation stops at that
-    text, as LLaVA's v0 model_vqa_science did (its stopping criterion on "###", the reply cut where it begins)."""
-    return {"stop_strings": (V0_SEPARATOR,)} if fmt.template == "llava_v0" else {}
-
-
-def until_separator(text):
-    """The reply before "###". generate.py keeps the tokens before the one that completes a stop string, so of a
-    "###" written as "##" "#" the "##" is left after the reply's newline: cut that too."""
-    return re.sub(r"\n#{1,2}\s*$", "", text.split(V0_SEPARATOR)[0]).strip()
 
 
 def chunk(questions, n, k):
@@ -194,8 +181,7 @@ def answer_all(args, questions, images, model_id, out):
         pixel_values = torch.stack(pixel_values) if pixel_values else None
         conversations = [[{"role": "user", "content": (IMAGE_TOKEN + "\n" if q[1] else "") + q[2]}] for q in batch]
         texts = generate.answer(model, fmt, conversations, pixel_values, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, **separator_stop(fmt))
-        texts = [until_separator(t) for t in texts] if separator_stop(fmt) else texts
+                                temperature=args.temperature)
         for (qid, _, _, prompt, extra), text in zip(batch, texts):
             out.write(json.dumps({"question_id": qid, "prompt": prompt, "text": text, **extra,
                                   "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}) + "\n")

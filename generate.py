@@ -26,7 +26,8 @@ from huggingface_hub.errors import HFValidationError
 from transformers import DynamicCache, StaticCache
 
 import checkpoints
-from data import IMAGE_TOKEN, ChatFormat, UserError, load_image, load_tokenizer_and_processor, process_image
+from data import IMAGE_TOKEN, V0_SEPARATOR, ChatFormat, UserError, load_image, load_tokenizer_and_processor, \
+    process_image
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -125,12 +126,18 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
 
 
 def trim_at_stop(ids, stop_strings, tokenizer):
-    """Drop the tokens from the one that completes a stop string onwards."""
+    """Drop the tokens from the one where a stop string begins onwards: a stop string may take several tokens
+    ("###" as "##" "#"), and none of it belongs to the reply."""
     if not stop_strings:
         return ids
     for n in range(1, len(ids) + 1):
-        if any(s in tokenizer.decode(ids[:n]) for s in stop_strings):
-            return ids[:n - 1]
+        text = tokenizer.decode(ids[:n])
+        begins = min((text.index(s) for s in stop_strings if s in text), default=None)
+        if begins is not None:
+            keep = n - 1
+            while keep > 0 and len(tokenizer.decode(ids[:keep])) > begins:
+                keep -= 1
+            return ids[:keep]
     return ids
 
 
@@ -211,8 +218,9 @@ class StaticDecoder(Decoder):
 
 
 def stop_strings_for(template):
-    """The plain (stage 1) template ends a caption with "\\n" and no EOS; the chat templates end turns with EOS."""
-    return ("\n",) if template == "plain" else ()
+    """The plain (stage 1) template ends a caption with "\\n" and no EOS; the first paper's llava_v0 ends a reply with
+    its "###" separator and no EOS (LLaVA's v0 stopping criterion); the chat templates end turns with EOS."""
+    return {"plain": ("\n",), "llava_v0": (V0_SEPARATOR,)}.get(template, ())
 
 
 def answer(model, fmt, conversations, pixel_values=None, **kwargs):

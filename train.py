@@ -84,7 +84,7 @@ class TrainConfig:
     # the data
     data_path: str = arg("LLaVA data file (.json list or .jsonl)", "")
     image_folder: str = arg("folder the samples' image paths are relative to", "")
-    template: str = arg("plain, vicuna_v1, llava_v1, llama_2 or chat_template")
+    template: str = arg("plain, vicuna_v1, llava_v1, llama_2, chat_template or llava_v0 (the first paper's ###)")
     image_aspect_ratio: str = arg("pad (expand to square) or crop")
     max_length: int = arg("tokens per sample, image tokens included", 2048)
     group_by_modality_length: bool = arg("LLaVA-1.5's length/modality-grouped batches")

@@ -309,3 +309,14 @@ def test_a_conversation_too_long_for_the_context_is_said_and_the_chat_goes_on(ch
     out = cli(capsys, "--model", str(checkpoint / "model"), "--chat", "--temperature", "0", "--max-new-tokens", "2")
     assert "does not fit the LLM's context of 256" in out and "/reset" in out
     assert len(asked) == 2 and asked[1] == ["Short?"]
+
+
+def test_a_stop_string_of_several_tokens_is_cut_whole(llama_tok):
+    """llava_v0 stops at "###", which a tokenizer may write as several tokens: none of them is left in the reply."""
+    from generate import stop_strings_for, trim_at_stop
+
+    ids = llama_tok("It is red.\n### Human: and", add_special_tokens=False).input_ids
+    stops = stop_strings_for("llava_v0")
+    assert len(llama_tok("###", add_special_tokens=False).input_ids) > 1
+    assert llama_tok.decode(trim_at_stop(ids, stops, llama_tok)).rstrip() == "It is red."
+    assert trim_at_stop(ids, stop_strings_for("vicuna_v1"), llama_tok) == ids

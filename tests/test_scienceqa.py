@@ -104,25 +104,30 @@ def test_a_qcm_lea_file_trains_in_llava_v0_and_its_test_file_scores(release, lla
     assert (metrics["correct"], metrics["img_correct"], metrics["img_total"]) == (1, 1, 1)
 
 
-def test_a_llava_v0_reply_ends_at_its_separator(release, llama_tok, tmp_path, monkeypatch):
-    assert evaluate.until_separator(" Fur.\nThe answer is A.\n##") == "Fur.\nThe answer is A."
-    assert evaluate.until_separator("C# it is.\n###\nHuman: more") == "C# it is."
-    assert evaluate.until_separator("No separator.") == "No separator."
-    # run asks generation to stop at "###" for a llava_v0 model, and writes the reply without it
+def test_a_llava_v0_model_stops_at_its_separator(release, llama_tok, tmp_path, monkeypatch):
+    """evaluate.py run on a llava_v0 model: generation stops at "###" (LLaVA's v0 stopping criterion), and the reply
+    holds none of it, though "###" takes several tokens (generate.trim_at_stop)."""
     import types
 
     import generate
 
     asked = []
-    monkeypatch.setattr(generate, "load", lambda *a: (types.SimpleNamespace(config=None),
-                                                      ChatFormat(llama_tok, "llava_v0", 4), None))
-    monkeypatch.setattr(generate, "answer", lambda *a, **kw: asked.append(kw) or ["The answer is B.\n##"])
+
+    def generate_then_trim(model, prompts, pixel_values=None, **kwargs):
+        asked.append(kwargs)
+        ids = llama_tok("The answer is B.\n### Human: next", add_special_tokens=False).input_ids
+        return [generate.trim_at_stop(ids, kwargs["stop_strings"], llama_tok) for _ in prompts]
+
+    model = types.SimpleNamespace(config=None, language_model=types.SimpleNamespace(
+        generation_config=types.SimpleNamespace(eos_token_id=None)))
+    monkeypatch.setattr(generate, "load", lambda *a: (model, ChatFormat(llama_tok, "llava_v0", 4), None))
+    monkeypatch.setattr(generate, "generate", generate_then_trim)
     scienceqa.main(["--base-dir", str(release), "--split", "train", "--out", str(tmp_path / "q.json")])
     questions = [q for q in json.loads((tmp_path / "q.json").read_text()) if "image" not in q]
     (tmp_path / "q.json").write_text(json.dumps(questions))
     evaluate.main(["run", "--model", "m", "--questions", str(tmp_path / "q.json"), "--answers", str(tmp_path / "a")])
     assert asked[0]["stop_strings"] == ("###",)
-    assert json.loads((tmp_path / "a").read_text())["text"] == "The answer is B."
+    assert json.loads((tmp_path / "a").read_text().splitlines()[0])["text"] == "The answer is B."
 
 
 # ----------------------------------------------------------------------------------------------------------------------
