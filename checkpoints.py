@@ -38,9 +38,9 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
 import lora
-from data import UserError
-from model import LlavaConfig, LlavaModel, first_line, from_pretrained_complete, load_vision_tower, \
-    looks_like_hub_id, params_on_meta, quiet_transformers, reading, resolve
+from data import UserError, load_tokenizer
+from model import LlavaConfig, LlavaModel, add_im_start_end, first_line, from_pretrained_complete, grow_vocab, \
+    load_vision_tower, looks_like_hub_id, params_on_meta, quiet_transformers, reading, resolve
 
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
 BACKBONES = {"vision_tower": ("vision_tower", "vision tower"), "llm": ("language_model", "LLM")}  # field: module, name
@@ -50,13 +50,15 @@ LAYOUTS = ("ours (checkpoints.save: projector_type, vision_config, text_config),
            "and the other mm_* keys) and transformers' Llava (model_type \"llava\", the llava-hf repos)")
 
 
-def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**30, lora_base=None):
+def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**30, lora_base=None, extra=()):
     """config.json + model.safetensors (or shards + model.safetensors.index.json, above max_shard_bytes).
 
     `modules` chooses what is written: stage 1 writes only the projector, and load() then takes the backbones from
     config.vision_tower and config.llm, recorded by reference(). `state_dict` defaults to the model's own (a sharded
     training run passes the full one it gathered on rank 0). `lora_base`: a LoRA run that started from a whole LLaVA
-    model names it, recorded as the backbones are (save_adapter writes the adapters themselves).
+    model names it, recorded as the backbones are (save_adapter writes the adapters themselves). `extra`: tensors
+    written although their module is not (stage 1's trained input embeddings with <im_start>/<im_end>): load() takes
+    that module from its reference, then these tensors.
 
     Saving over an earlier checkpoint is safe across its files: the old config.json goes first and the new one is
     written last, so a save cut short leaves a directory load() refuses (it has no config.json), never new weights
@@ -78,7 +80,7 @@ def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**3
     state, seen = {}, set()
     for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         key = (tensor.data_ptr(), tensor.shape)
-        if name.split(".", 1)[0] in modules and key not in seen:  # tied weights are stored once
+        if (name.split(".", 1)[0] in modules or name in extra) and key not in seen:  # tied weights are stored once
             seen.add(key)
             state[name] = tensor.detach().cpu().contiguous()
     shards, size = [{}], 0
@@ -143,12 +145,7 @@ def projector_weights(path, expected=None):
     liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 does), or llava-hf's. `expected` is the Projector they
     are for: weights of another projector type or width are refused, saying which each is. Every error's message
     starts with `path` (train.py names the flag before it)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        path = resolve(path)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "mm_projector.bin")):
-        path = os.path.join(path, "mm_projector.bin")
-    state = read_weights(path) if os.path.isdir(path) else read_file(path)
+    path, state = stage_one_weights(path)
     out = {name: v for k, v in state.items() if (name := projector_name(k))}
     if not out:
         raise UserError(f"{path} holds no projector weights (multi_modal_projector.* or LLaVA's mm_projector.*); "
@@ -156,6 +153,35 @@ def projector_weights(path, expected=None):
     if expected is not None:
         check_projector(out, expected, path)
     return out
+
+
+def stage_one_weights(path):
+    """(the file or directory read, its tensors) for a stage-1 output: mm_projector.bin (the file, its directory or
+    its hub repo) or one of our directories."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        path = resolve(path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "mm_projector.bin")):
+        path = os.path.join(path, "mm_projector.bin")
+    return path, (read_weights(path) if os.path.isdir(path) else read_file(path))
+
+
+def token_rows(path, token_ids):
+    """The input-embedding rows of `token_ids` (<im_start>, <im_end>) that a stage 1 trained, or None where it trained
+    none: ours hold the LLM's input embeddings (language_model.model.embed_tokens.weight), LLaVA's mm_projector.bin
+    model.embed_tokens.weight, the whole matrix or just the new rows (`llava/train/train.py`
+    get_mm_adapter_state_maybe_zero_3 keeps `embed_tokens`; `llava_arch.py` reads both shapes)."""
+    path, state = stage_one_weights(path)
+    found = [v for k, v in state.items() if k.endswith("embed_tokens.weight")]
+    if not found:
+        return None
+    rows = found[0]
+    if rows.shape[0] == len(token_ids):
+        return rows
+    if rows.shape[0] <= max(token_ids):
+        raise UserError(f"{path}: its input embeddings have {rows.shape[0]} rows, too few for tokens "
+                        f"{list(token_ids)}: it was trained with another tokenizer; pass the --llm it was trained with")
+    return rows[list(token_ids)]
 
 
 def holds_llm(path):
@@ -174,7 +200,8 @@ def holds_llm(path):
         return True
     if {"projector_type", "vision_config", "text_config"} & saved.keys() and has_weights(path):
         adapters = os.path.exists(os.path.join(path, ADAPTER_CONFIG))  # a LoRA run's output: its LLM is base + adapters
-        return adapters or any(k.startswith("language_model.") for k in weight_names(path))
+        referenced = isinstance(saved.get("backbones"), dict) and "llm" in saved["backbones"]  # (stage 1's embeddings)
+        return adapters or (not referenced and any(k.startswith("language_model.") for k in weight_names(path)))
     return False
 
 
@@ -293,7 +320,11 @@ def from_our_layout(path, saved):
     else:
         tower = load_vision_tower(find_backbone(path, "vision_tower", config.vision_tower,
                                                 backbones.get("vision_tower")))
-    if "language_model" in present:
+    if "language_model" in present and "llm" in backbones:  # stage 1's input embeddings over the referenced LLM
+        llm = from_pretrained_complete(AutoModelForCausalLM, find_backbone(path, "llm", config.llm,
+                                                                           backbones.get("llm")))
+        grow_vocab(llm, added_rows(path, config))
+    elif "language_model" in present:
         with params_on_meta(), reading(path, "checkpoint"):
             llm = AutoModelForCausalLM.from_config(sub_config("text_config"))
     elif isinstance(saved.get(LORA_BASE), str):
@@ -309,10 +340,21 @@ def from_our_layout(path, saved):
     return assign_weights(llava_model(path, config, tower, llm), state, path)
 
 
+def added_rows(path, config):
+    """<im_start>'s and <im_end>'s ids in the checkpoint's tokenizer, when the run added them to its --llm's: their
+    rows in the LLM are then new, initialised as training did (model.grow_vocab); () otherwise."""
+    if not config.mm_use_im_start_end:
+        return ()
+    ids, _ = add_im_start_end(load_tokenizer(path))
+    _, base_lacked = add_im_start_end(load_tokenizer(config.llm))
+    return ids if base_lacked else ()
+
+
 def our_config(path, saved):
     """The LlavaConfig and the backbone records of our config.json, every value checked: a field missing (which
     would take a default: another tower, another template) or of the wrong type is a UserError naming the file."""
     file = os.path.join(path, "config.json")
+    saved = {"mm_use_im_start_end": False, **saved}  # (written since the first paper's models came in)
     lacking = [k for k in [f.name for f in fields(LlavaConfig)] + ["vision_config", "text_config"] if k not in saved]
     if lacking:
         raise UserError(f"{file} lacks {', '.join(lacking)}, which checkpoints.save writes: the file is damaged or not "

@@ -39,7 +39,8 @@ def load(path, dtype=None, device="cpu"):
     the checkpoint's own when it has them, else those of the backbones its config names."""
     model = checkpoints.load(path, dtype=dtype).to(device).eval()
     tokenizer, processor = load_tokenizer_and_processor(path, model.config)
-    return model, ChatFormat(tokenizer, model.config.template, model.num_image_tokens), processor
+    return model, ChatFormat(tokenizer, model.config.template, model.num_image_tokens,
+                             im_start_end=model.config.mm_use_im_start_end), processor
 
 
 def prepare_images(paths, processor, aspect_ratio):

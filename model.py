@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, UserError
+from data import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES, UserError
 
 # Loading a hub repo that ships only .bin weights (Vicuna v1.5, LLaVA-1.5) makes transformers start a background
 # thread that asks the hub to convert it and downloads the safetensors copy: another 13-26 GB, while the other ranks
@@ -49,6 +49,9 @@ class LlavaConfig:
     template: str = "vicuna_v1"
     image_aspect_ratio: str = "pad"
     max_length: int = 2048
+    # The first paper's mm_use_im_start_end: each image between <im_start> and <im_end>, two tokens added to the
+    # tokenizer whose embedding rows stage 1 trains (add_im_start_end).
+    mm_use_im_start_end: bool = False
 
     def __post_init__(self):
         """The one check of a model's settings, wherever they come from (flags, a checkpoint's config.json, code): a
@@ -56,9 +59,9 @@ class LlavaConfig:
         model that silently reads the wrong hidden layer. A checkpoint's loader adds which file it came from."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, f.type):
-                raise UserError(f"{f.name} {value!r}: not {'an integer' if f.type is int else 'a string'}; "
-                                f"use e.g. {f.default!r}")
+            if isinstance(value, bool) != (f.type is bool) or not isinstance(value, f.type):
+                kind = {int: "an integer", bool: "true or false"}.get(f.type, "a string")
+                raise UserError(f"{f.name} {value!r}: not {kind}; use e.g. {f.default!r}")
         choices = {"vision_feature_select": ("patch", "cls_patch"), "template": TEMPLATES,
                    "image_aspect_ratio": ("pad", "crop")}
         for name, allowed in choices.items():
@@ -115,6 +118,9 @@ class LlavaModel(nn.Module):
         self.multi_modal_projector = Projector(config.projector_type, vision_tower.config.hidden_size,
                                                language_model.config.hidden_size)
         self.language_model = language_model
+        # Token ids whose input embeddings train while the rest stay fixed (stage 1 with mm_use_im_start_end); None:
+        # every row the embedding's requires_grad allows.
+        self.trainable_token_ids = None
         self.vision_tower.requires_grad_(False)  # LLaVA never trains the tower; unfreezing it is the caller's choice
         layers = getattr(vision_tower.config, "num_hidden_layers", None)  # hidden_states: embeddings, each layer's
         if layers is not None and not -(layers + 1) <= config.vision_feature_layer <= layers:
@@ -149,6 +155,9 @@ class LlavaModel(nn.Module):
         """Token embeddings with the projected image features written into the IMAGE_TOKEN_INDEX positions."""
         is_image = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))
+        if self.trainable_token_ids is not None and embeds.requires_grad:  # other rows get no gradient at all
+            own = torch.isin(input_ids, torch.tensor(self.trainable_token_ids, device=input_ids.device))
+            embeds = torch.where(own.unsqueeze(-1), embeds, embeds.detach())
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         if is_image.sum() != n_images * self.num_image_tokens:
             raise ValueError(f"input_ids hold {int(is_image.sum())} image placeholders but {n_images} image(s) x "
@@ -190,7 +199,7 @@ class LlavaModel(nn.Module):
     # --- building ---
 
     @classmethod
-    def from_config(cls, config, dtype=torch.float32, empty=False):
+    def from_config(cls, config, dtype=torch.float32, empty=False, added_token_ids=None):
         """The backbones with their pretrained weights (from config.vision_tower and config.llm), a fresh projector.
 
         dtype is every parameter's, float32 by default whatever dtype a backbone was saved in (Vicuna's config says
@@ -198,6 +207,7 @@ class LlavaModel(nn.Module):
         rank 0 loads so, in half the memory; copying into the fp32 shards is exact). empty=True builds the model with
         every parameter on the meta device, reading only the backbones' configs: sharded training builds it so on
         each rank and lets rank 0 load and broadcast the weights. Reading a saved LLaVA model is checkpoints.load.
+        added_token_ids: ids a tokenizer just added (add_im_start_end), given rows by grow_vocab.
         """
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -212,10 +222,36 @@ class LlavaModel(nn.Module):
                     tower = AutoModel.from_config(vision_part(vision_config, vision), dtype=dtype)
                     with reading(llm, "LLM"):  # (a config of another kind of model)
                         language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+                    grow_vocab(language_model, added_token_ids or ())
                     return cls(config, tower, language_model)
-            model = cls(config, load_vision_tower(config.vision_tower, dtype),
-                        from_pretrained_complete(AutoModelForCausalLM, config.llm, dtype=dtype))
+            language_model = from_pretrained_complete(AutoModelForCausalLM, config.llm, dtype=dtype)
+            grow_vocab(language_model, added_token_ids or ())
+            model = cls(config, load_vision_tower(config.vision_tower, dtype), language_model)
         return model if dtype == "auto" else model.to(dtype)
+
+
+def add_im_start_end(tokenizer):
+    """LLaVA's initialize_vision_tokenizer, the tokenizer's half (haotian-liu/LLaVA `llava/model/llava_arch.py`):
+    <im_start> and <im_end> added as special tokens. Returns their ids, and whether they were added: not when the
+    tokenizer had them (a model's trained with them), whose rows must then be kept as they are."""
+    added = tokenizer.add_tokens([IM_START_TOKEN, IM_END_TOKEN], special_tokens=True)
+    return tuple(tokenizer.convert_tokens_to_ids([IM_START_TOKEN, IM_END_TOKEN])), bool(added)
+
+
+def grow_vocab(llm, token_ids):
+    """The LLM's half: rows for `token_ids` in the input embeddings and the output head (resized when an id is past
+    the last row; LLaVA resizes to len(tokenizer), which never shrinks here), each new row set to the mean of the rows
+    before the first new id, input and output alike, as LLaVA initialises them. On the meta device: the shapes only."""
+    if not token_ids:
+        return
+    rows = max(token_ids) + 1
+    if rows > llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        for layer in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings())}.values():
+            w = layer.weight
+            if not w.is_meta:
+                w[list(token_ids)] = w[:min(token_ids)].float().mean(0).to(w.dtype)
 
 
 def supervised_targets(input_ids, labels):

@@ -55,7 +55,7 @@ import checkpoints
 import lora
 from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, ChatFormat, DataError, LazySupervisedDataset,
                   ModalityLengthGroupedSampler, UserError, collate, load_image_processor, load_tokenizer)
-from model import LlavaConfig, LlavaModel, load_vision_tower, supervised_targets
+from model import LlavaConfig, LlavaModel, add_im_start_end, load_vision_tower, supervised_targets
 
 
 def arg(help, default=MISSING):
@@ -87,6 +87,8 @@ class TrainConfig:
     template: str = arg("plain, vicuna_v1, llava_v1, llama_2, chat_template or llava_v0 (the first paper's ###)")
     image_aspect_ratio: str = arg("pad (expand to square) or crop")
     max_length: int = arg("tokens per sample, image tokens included", 2048)
+    mm_use_im_start_end: bool = arg("the first paper's <im_start>/<im_end> around each image: two tokens added to the "
+                                    "tokenizer, their input embeddings trained with the projector in stage 1", False)
     group_by_modality_length: bool = arg("LLaVA-1.5's length/modality-grouped batches")
     skip_bad_samples: bool = arg("skip (and count) bad samples instead of stopping", False)
     num_workers: int = arg("data loader processes per rank", 4)
@@ -171,6 +173,10 @@ def check_settings(cfg):
         rule = RULES.get(f.name)
         if rule and not rule[0](value):
             raise UserError(f"{flag(f.name)} {value!r}: must be {rule[1]}")
+    if cfg.mm_use_im_start_end and cfg.template == "plain":
+        raise UserError("--mm-use-im-start-end with --template plain: plain writes each image alone (LLaVA's "
+                        "preprocess_plain drops the wrapping too), so the two tokens would never be read; use "
+                        "--template llava_v0, the first paper's, or --no-mm-use-im-start-end")
     if cfg.lora_r and not cfg.train_llm:
         raise UserError(f"--lora-r {cfg.lora_r}: LoRA adapts the LLM, which this stage keeps frozen (--no-train-llm); "
                         "use it with finetune.py (--train-llm), or pass --lora-r 0")
@@ -252,11 +258,12 @@ def fit(cfg, device):
 
     tokenizer = named(load_tokenizer, "llm", cfg.llm)  # first: a tokenizer that cannot load fails in seconds
     image_processor = named(load_image_processor, "vision_tower", cfg.vision_tower)
+    im_ids, added = add_im_start_end(tokenizer) if cfg.mm_use_im_start_end else ((), False)  # (saved with the model)
     # A resumed run takes its trainable weights from the checkpoint; LoRA's frozen base may come from --init-from.
-    model = build_model(replace(cfg, init_from="") if resume_from and not cfg.lora_r else cfg, device)
+    model = build_model(replace(cfg, init_from="") if resume_from and not cfg.lora_r else cfg, device, im_ids, added)
     torch.manual_seed(cfg.seed + rank)  # from here each rank draws its own random numbers (dropout masks): the weights
                                         # were initialised on rank 0 and broadcast
-    fmt = ChatFormat(tokenizer, cfg.template, model.num_image_tokens)
+    fmt = ChatFormat(tokenizer, cfg.template, model.num_image_tokens, im_start_end=cfg.mm_use_im_start_end)
     dataset = LazySupervisedDataset(cfg.data_path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
                                     cfg.max_length, cfg.skip_bad_samples)
     data_sha256 = file_sha256(cfg.data_path) if rank == 0 else None
@@ -488,41 +495,51 @@ def init_distributed(timeout_minutes=30):
     return device
 
 
-def build_model(cfg, device):
+def build_model(cfg, device, im_token_ids=(), added=False):
     """Every rank builds the model with empty parameters and shards it; rank 0 loads the weights and broadcasts them.
 
     So only rank 0 ever holds a full copy (in CPU memory, in the backbones' saved dtype), and only once.
     With --init-from a whole LLaVA model, its LLM and projector replace --llm's weights and the fresh projector;
     with LoRA, rank 0 also draws the adapters' initial values (B = 0), so every world size starts from the same ones.
+    im_token_ids: <im_start> and <im_end>'s ids (--mm-use-im-start-end); added: the tokenizer has just been given
+    them, so their embedding rows are new (model.grow_vocab).
     """
-    model = empty_sharded_model(cfg)
+    new = im_token_ids if added else ()
+    model = empty_sharded_model(cfg, new, im_token_ids)
     materialize(model, device)
     full = {}
     if dist.get_rank() == 0:
-        full = initial_weights(cfg, model)
+        full = initial_weights(cfg, model, new)
     # Each tensor is copied into the rank's shard (or replica) in that parameter's dtype: fp16 -> fp32 is exact.
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     model.train()
     return model
 
 
-def initial_weights(cfg, model):
-    """On rank 0, the full state dict a run starts from, under the names of `model` (LoRA's base layers included)."""
-    projector, whole = {}, {}
+def initial_weights(cfg, model, added_token_ids=()):
+    """On rank 0, the full state dict a run starts from, under the names of `model` (LoRA's base layers included).
+    New <im_start>/<im_end> rows start from the mean of the others, or, after a stage 1 that trained them
+    (--init-from its output), from its rows, as LLaVA's pretrain_mm_mlp_adapter brings them."""
+    projector, whole, rows = {}, {}, None
     try:  # first: a bad path, or a projector of another type or width, fails in seconds
         if cfg.init_from and checkpoints.holds_llm(cfg.init_from):
             expected = LlavaModel.from_config(cfg.model_config(), empty=True).state_dict()
             whole = checkpoints.whole_model_weights(cfg.init_from, {k: v.shape for k, v in expected.items()})
         elif cfg.init_from:
             projector = checkpoints.projector_weights(cfg.init_from, expected=model.multi_modal_projector)
+            rows = checkpoints.token_rows(cfg.init_from, added_token_ids) if added_token_ids else None
     except UserError as e:
         raise UserError(f"--init-from {e}") from None
     if whole:  # the tower from --vision-tower, everything else from the whole model
         tower = load_vision_tower(cfg.vision_tower)
         full = {**{f"vision_tower.{k}": v for k, v in tower.state_dict().items()}, **whole}
     else:
-        full = LlavaModel.from_config(cfg.model_config(), dtype="auto").state_dict()
+        built = LlavaModel.from_config(cfg.model_config(), dtype="auto", added_token_ids=added_token_ids)
+        full = built.state_dict()
         full.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
+        if rows is not None:
+            embedding = full[input_embedding_name(built)]
+            embedding[list(added_token_ids)] = rows.to(embedding.dtype)
     for name, layer in lora.adapted(model.language_model):
         prefix = f"language_model.{name}."
         for param in ("weight", "bias"):
@@ -534,26 +551,33 @@ def initial_weights(cfg, model):
     return full
 
 
-def empty_sharded_model(cfg):
+def empty_sharded_model(cfg, added_token_ids=(), im_token_ids=()):
     """The model on the meta device, fp32 whatever the backbones' configs say (the optimizer's master weights), with
     what trains and activation checkpointing set, sharded: what each rank builds before any memory is allocated."""
-    model = LlavaModel.from_config(cfg.model_config(), dtype=torch.float32, empty=True)
-    prepare(model, cfg)
+    model = LlavaModel.from_config(cfg.model_config(), dtype=torch.float32, empty=True,
+                                   added_token_ids=added_token_ids)
+    prepare(model, cfg, im_token_ids)
     shard(model, cfg.precision)
     return model
 
 
-def prepare(model, cfg):
+def prepare(model, cfg, im_token_ids=()):
     """What trains (the projector; the LLM too in stage 2; never the tower) and activation checkpointing.
 
     Checkpointing wraps each decoder layer's forward in torch's non-reentrant checkpoint itself, rather than through
     transformers' switch, whose mechanics differ between the versions GPU nodes and laptops have.
     With LoRA, the LLM's base weights stay frozen in the compute dtype (bf16: half the memory of fp32 masters; they
     get no gradient and no optimizer state) and the fp32 adapters train.
+    With --mm-use-im-start-end, stage 1 also trains the input embeddings of <im_start> and <im_end>, and only those
+    two rows (LlavaModel.trainable_token_ids): LLaVA marks the whole input embedding matrix trainable there, so every
+    word of the captions moved too; its output head stays frozen, as here.
     """
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
     model.language_model.requires_grad_(cfg.train_llm and not cfg.lora_r)
+    if cfg.mm_use_im_start_end and not cfg.train_llm:
+        model.language_model.get_input_embeddings().requires_grad_(True)
+        model.trainable_token_ids = tuple(im_token_ids)
     if cfg.lora_r:
         model.language_model.to(compute_dtype(cfg.precision))
         lora.add_adapters(model.language_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
@@ -640,7 +664,9 @@ def make_optimizer(model, cfg):
     for name, p in model.named_parameters():
         if p.requires_grad:
             own = cfg.mm_projector_lr > 0 and name.startswith("multi_modal_projector.")
-            groups.setdefault(("projector_" if own else "") + ("decay" if p.ndim >= 2 else "no_decay"), []).append(p)
+            # (stage 1's input embeddings, where only <im_start>'s and <im_end>'s rows may move, never decay)
+            decays = p.ndim >= 2 and not (model.trainable_token_ids and name.startswith("language_model."))
+            groups.setdefault(("projector_" if own else "") + ("decay" if decays else "no_decay"), []).append(p)
     order = ("decay", "no_decay", "projector_decay", "projector_no_decay")
     return torch.optim.AdamW([{"params": groups[k], "name": k, "weight_decay": 0.0 if k.endswith("no_decay") else
                                cfg.weight_decay} for k in order if k in groups],
@@ -666,9 +692,21 @@ def cosine_lr(step, total, warmup, peak):
 
 def trainable_modules(model):
     """The modules a checkpoint writes whole: those that train (with LoRA, the projector: the LLM's adapters go to
-    PEFT's files, its base stays where it was loaded from)."""
+    PEFT's files, its base stays where it was loaded from; in stage 1 with <im_start>/<im_end>, the projector: the
+    LLM's input embeddings are written alone, trained_tensors)."""
     return tuple(name for name, m in model.named_children() if any(p.requires_grad for p in m.parameters())
-                 and not (name == "language_model" and lora.adapted(m)))
+                 and not (name == "language_model" and (lora.adapted(m) or model.trainable_token_ids)))
+
+
+def trained_tensors(model):
+    """Trained tensors of a module written by reference: stage 1's input embeddings (--mm-use-im-start-end)."""
+    return (input_embedding_name(model),) if model.trainable_token_ids else ()
+
+
+def input_embedding_name(model):
+    """The state-dict name of the LLM's input embeddings (language_model.model.embed_tokens.weight for Llama)."""
+    weight = model.language_model.get_input_embeddings().weight
+    return next(f"language_model.{n}" for n, p in model.language_model.named_parameters() if p is weight)
 
 
 def lora_base(cfg):
@@ -691,9 +729,10 @@ def export_model(model, path, tokenizer, image_processor, cfg, final=False):
         if final:
             shutil.rmtree(out, ignore_errors=True)
         dtype = compute_dtype(cfg.precision)
-        modules = trainable_modules(model)
-        checkpoints.save(model, out, modules=modules, lora_base=lora_base(cfg),
-                         state_dict={k: v.to(dtype) for k, v in full.items() if k.split(".", 1)[0] in modules})
+        modules, extra = trainable_modules(model), trained_tensors(model)
+        checkpoints.save(model, out, modules=modules, lora_base=lora_base(cfg), extra=extra,
+                         state_dict={k: v.to(dtype) for k, v in full.items()
+                                     if k.split(".", 1)[0] in modules or k in extra})
         if cfg.lora_r:  # the adapters in PEFT's files, kept in fp32 (they are small)
             llm = model.language_model
             adapters = {k.removeprefix("language_model."): v for k, v in full.items()
