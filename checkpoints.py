@@ -83,6 +83,15 @@ def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**3
         if (name.split(".", 1)[0] in modules or name in extra) and key not in seen:  # tied weights are stored once
             seen.add(key)
             state[name] = tensor.detach().cpu().contiguous()
+    os.makedirs(path, exist_ok=True)
+    remove(os.path.join(path, "config.json"))
+    write_weights(path, state, max_shard_bytes)
+    atomic_write(os.path.join(path, "config.json"), lambda tmp: write_json(tmp, config))
+
+
+def write_weights(path, state, max_shard_bytes=5 * 2**30):
+    """`state` as model.safetensors, or shards + model.safetensors.index.json above max_shard_bytes (transformers'
+    layout); earlier shards and half-written files in `path` removed. The caller writes config.json after."""
     shards, size = [{}], 0
     for name, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -93,8 +102,6 @@ def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**3
         size += nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    os.makedirs(path, exist_ok=True)
-    remove(os.path.join(path, "config.json"))
     for name, shard in zip(names, shards):
         atomic_write(os.path.join(path, name), lambda tmp, shard=shard: save_file(shard, tmp, {"format": "pt"}))
     index = os.path.join(path, "model.safetensors.index.json")
@@ -104,7 +111,6 @@ def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**3
             "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}))
     else:
         remove(index)  # before config.json: an old index would be read instead of the new model.safetensors
-    atomic_write(os.path.join(path, "config.json"), lambda tmp: write_json(tmp, config))
     for f in os.listdir(path):  # shards of an earlier save into this directory; files a killed save left half-written
         stale_shard = f.startswith("model") and f.endswith(".safetensors") and f not in names
         if stale_shard or (f.startswith(("model", "config.json")) and ".tmp" in f):
@@ -386,7 +392,10 @@ def from_original_llava(path, saved, model_base):
     + `lm_head` weights, or `model_base` for a stage-1 directory (mm_projector.bin). The released configs say
     model_type "llava" (transformers' own Llava type since 4.36): the mm_* keys, not the model type, identify the
     layout. A LoRA output of LLaVA's (adapter_config.json, adapter_model.bin, the projector in
-    non_lora_trainables.bin; `llava/model/builder.py`) loads its adapters on `model_base`."""
+    non_lora_trainables.bin; `llava/model/builder.py`) loads its adapters on `model_base`. The first paper's (v0/v1)
+    configs say mm_use_im_start_end: the tokenizer beside them has <im_start>/<im_end>, the LLM's vocabulary two rows
+    more; a v1 stage-1 mm_projector.bin holds those rows (model.embed_tokens.weight), put on model_base's grown
+    vocabulary. The released v0/v1 models are deltas: apply_delta first."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     aspect = saved.get("image_aspect_ratio", "square")
@@ -396,7 +405,8 @@ def from_original_llava(path, saved, model_base):
                              vision_feature_layer=saved.get("mm_vision_select_layer", -1),
                              vision_feature_select=saved.get("mm_vision_select_feature", "patch"),
                              template="vicuna_v1", image_aspect_ratio="pad" if aspect == "pad" else "crop",
-                             max_length=saved.get("tokenizer_model_max_length") or 2048)
+                             max_length=saved.get("tokenizer_model_max_length") or 2048,
+                             mm_use_im_start_end=saved.get("mm_use_im_start_end", False))
     except UserError as e:
         raise UserError(f"{path}/config.json (the original LLaVA's mm_* keys): {e}") from None
     tower = load_vision_tower(find_backbone(path, "mm_vision_tower", config.vision_tower))
@@ -406,6 +416,13 @@ def from_original_llava(path, saved, model_base):
                             "stage-1 output (config.json + mm_projector.bin) does not: pass the base LLM as model_base "
                             "(--model-base)")
         llm = from_pretrained_complete(AutoModelForCausalLM, model_base)
+        if config.mm_use_im_start_end:  # the v1 stage 1's <im_start>/<im_end> rows, in mm_projector.bin
+            ids, added = add_im_start_end(load_tokenizer(model_base))
+            grow_vocab(llm, ids if added else ())
+            rows = token_rows(path, ids) if os.path.exists(os.path.join(path, "mm_projector.bin")) else None
+            if rows is not None:
+                with torch.no_grad():
+                    llm.get_input_embeddings().weight[list(ids)] = rows.to(llm.dtype)
         adapters = os.path.exists(os.path.join(path, ADAPTER_CONFIG))  # a LoRA run's output (finetune_lora.sh)
         if adapters:
             load_adapter(llm, path)
@@ -424,6 +441,33 @@ def from_original_llava(path, saved, model_base):
         elif not name.startswith("model.vision_tower.") and not name.endswith("rotary_emb.inv_freq"):
             state[f"language_model.{name}"] = tensor  # (inv_freq: saved by older transformers, now computed)
     return assign_weights(llava_model(path, config, tower, llm), state, path)
+
+
+def apply_delta(base, delta):
+    """The weights of a model released as a delta (liuhaotian/LLaVA-7b-delta-v0, LLaVA-13b-delta-v1-1, ...; the
+    original layout): target = base + delta for every tensor both hold. The delta's vocabulary is larger by the
+    added tokens (<im_start>, <im_end>, ...): the embeddings' and head's first rows are base + delta, the extra rows
+    the delta's alone; the projector (and anything else the base lacks) is the delta's, as LLaVA's
+    `llava/model/apply_delta.py` does. Sums are done in float32 and stored in the delta's dtype (LLaVA adds in fp16).
+    `base` is the LLM the delta was made from (the original LLaMA weights, in transformers' layout)."""
+    base_dir, delta_dir = resolve(base), resolve(delta)
+    base_state, target = read_weights(base_dir), read_weights(delta_dir)
+    for name, d in target.items():
+        b = base_state.get(name)
+        if b is None:
+            if not (projector_name(name) or "vision_tower" in name):
+                raise UserError(f"delta {delta}: tensor {name} is not in base {base} (which holds "
+                                f"{len(base_state)} tensors): pass the base LLM the delta was made from")
+            continue
+        rows = name.endswith(("embed_tokens.weight", "lm_head.weight")) and d.shape[1:] == b.shape[1:] and \
+            d.shape[0] > b.shape[0]
+        if d.shape != b.shape and not rows:
+            raise UserError(f"delta {delta}: tensor {name} is {list(d.shape)} there but {list(b.shape)} in base {base}: "
+                            "pass the base LLM the delta was made from (LLaMA of the same size)")
+        summed = d.float()
+        summed[:b.shape[0]] += b.float()
+        target[name] = summed.to(d.dtype)
+    return target
 
 
 def from_llava_hf(path):

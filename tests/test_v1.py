@@ -49,11 +49,11 @@ def test_stage1_output_loads_with_its_tokens_around_the_image(world, stage1):
     assert model.config.mm_use_im_start_end and fmt.im_start_end
     loaded = model.state_dict()
     for k in (EMBED, HEAD, "multi_modal_projector.linear_1.weight"):
-        torch.testing.assert_close(loaded[k], trained[k], rtol=0, atol=1e-6)  # (saved in bf16? no: fp32 run)
+        torch.testing.assert_close(loaded[k], trained[k], rtol=0, atol=0)  # (an fp32 run, saved in fp32)
     ids = fmt.prompt([{"role": "user", "content": "<image>\nWhat is it?"}])
     start, end = fmt.tokenizer.convert_tokens_to_ids([IM_START_TOKEN, IM_END_TOKEN])
-    at = ids.index(IMAGE_TOKEN_INDEX) if isinstance(ids, list) else ids.tolist().index(IMAGE_TOKEN_INDEX)
     ids = ids if isinstance(ids, list) else ids.tolist()
+    at = ids.index(IMAGE_TOKEN_INDEX)
     n = model.num_image_tokens
     assert ids[at - 1] == start and ids[at:at + n] == [IMAGE_TOKEN_INDEX] * n and ids[at + n] == end
 
@@ -81,3 +81,99 @@ def test_stage2_starts_from_stage1_rows_and_resumes_exactly(world, stage1, tmp_p
     model = checkpoints.load(str(tmp_path / "straight"))
     assert model.language_model.get_input_embeddings().weight.shape[0] == trained[EMBED].shape[0]
     assert (model.state_dict()[EMBED][ids] - trained[EMBED][ids]).abs().max() < 0.05
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The released first-paper checkpoints: original layout, v1 config keys, delta weights
+
+
+@pytest.fixture(scope="module")
+def v1_release(tmp_path_factory, llama_tok):
+    """A v1 model as liuhaotian/LLaVA-*-delta-v* ship it, on a base whose vocabulary is its tokenizer's (as LLaMA's):
+    (base dir, delta dir, the target's weights in the original names, the vision tower dir)."""
+    import copy
+    import json
+
+    from transformers import CLIPVisionConfig, LlamaForCausalLM
+
+    from checkpoints import read_weights
+    from model import add_im_start_end
+    from tools.tiny import save_tiny_backbones, tiny_llama_config
+
+    root = tmp_path_factory.mktemp("v1")
+    vision, base = save_tiny_backbones(str(root), llama_config=tiny_llama_config(vocab_size=len(llama_tok)),
+                                       tokenizer=llama_tok)
+    tokenizer = copy.deepcopy(llama_tok)
+    ids, added = add_im_start_end(tokenizer)
+    assert added and max(ids) == len(llama_tok) + 1
+    torch.manual_seed(1)
+    target = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer)))  # the fine-tuned LLM: other weights
+    width = CLIPVisionConfig.from_pretrained(vision).hidden_size
+    state = {k: v.detach().clone() for k, v in target.state_dict().items()}
+    state.update({"model.mm_projector.weight": torch.randn(48, width), "model.mm_projector.bias": torch.randn(48)})
+    base_state, delta = read_weights(base), {}
+    for k, v in state.items():  # LLaVA's make_delta: target - base, extra rows as they are
+        d = v.clone()
+        if k in base_state:
+            d[:base_state[k].shape[0]] -= base_state[k]
+        delta[k] = d
+    out = root / "delta"
+    out.mkdir()
+    torch.save(delta, out / "pytorch_model.bin")
+    config = {**target.config.to_dict(), "model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"],
+              "mm_vision_tower": vision, "mm_hidden_size": width, "mm_vision_select_layer": -2,
+              "mm_use_im_start_end": True, "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": False}
+    (out / "config.json").write_text(json.dumps(config))  # (no mm_projector_type: linear)
+    tokenizer.save_pretrained(out)
+    return base, str(out), state, vision
+
+
+def test_apply_delta_gives_base_plus_delta_and_loads_as_v1(v1_release, tmp_path):
+    from tools import convert
+
+    base, delta, target, _ = v1_release
+    out = str(tmp_path / "target")
+    convert.main(["apply-delta", delta, out, "--model-base", base])
+    got = checkpoints.read_weights(out)
+    assert got.keys() == target.keys()
+    for k, v in target.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5)
+    model, fmt, _ = generate.load(out)
+    c = model.config
+    assert (c.projector_type, c.vision_feature_layer, c.mm_use_im_start_end) == ("linear", -2, True)
+    assert model.language_model.get_input_embeddings().num_embeddings == len(fmt.tokenizer)
+    torch.testing.assert_close(model.state_dict()[EMBED], target["model.embed_tokens.weight"], rtol=0, atol=1e-5)
+    ids = fmt.prompt([{"role": "user", "content": "<image>\nWhat is it?"}])
+    ids = ids if isinstance(ids, list) else ids.tolist()
+    at = ids.index(IMAGE_TOKEN_INDEX)
+    assert fmt.tokenizer.convert_ids_to_tokens([ids[at - 1], ids[at + model.num_image_tokens]]) == \
+        [IM_START_TOKEN, IM_END_TOKEN]
+
+
+def test_apply_delta_refuses_another_base(v1_release, tmp_path, backbones):
+    _, delta, _, _ = v1_release
+    with pytest.raises(ValueError, match="pass the base LLM the delta was made from"):
+        checkpoints.apply_delta(backbones[1], delta)  # (a vocabulary of 640 rows: larger than the delta's 602)
+
+
+def test_v1_stage1_projector_brings_its_token_rows(v1_release, tmp_path):
+    """A v1 stage-1 output (config.json + mm_projector.bin holding model.embed_tokens.weight, as LLaVA saves it with
+    tune_mm_mlp_adapter and mm_use_im_start_end) on its base: the vocabulary grown, the two rows from the file."""
+    import json
+
+    base, delta, target, _ = v1_release
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    with open(f"{delta}/config.json") as f:
+        config = json.load(f)
+    (stage1 / "config.json").write_text(json.dumps({**config, "tune_mm_mlp_adapter": True}))
+    embed = target["model.embed_tokens.weight"]
+    torch.save({"model.mm_projector.weight": target["model.mm_projector.weight"],
+                "model.mm_projector.bias": target["model.mm_projector.bias"], "model.embed_tokens.weight": embed},
+               stage1 / "mm_projector.bin")
+    model = checkpoints.load(str(stage1), model_base=base)
+    got = model.state_dict()[EMBED]
+    n = len(load_tokenizer(base))
+    assert got.shape[0] == n + 2
+    torch.testing.assert_close(got[n:], embed[n:], rtol=0, atol=0)
+    torch.testing.assert_close(got[:n], checkpoints.read_weights(base)["model.embed_tokens.weight"], rtol=0, atol=0)

@@ -5,6 +5,7 @@
     python tools/convert.py import llava-hf/llava-1.5-7b-hf out/llava-1.5-7b               # transformers' layout
     python tools/convert.py export runs/toy/finetune out/toy-hf                            # ours -> llava-hf
     python tools/convert.py merge runs/lora out/merged                 # a LoRA run's adapters folded into a full model
+    python tools/convert.py apply-delta liuhaotian/LLaVA-13b-delta-v1-1 out/llava-13b-v1-1 --model-base LLAMA_13B_DIR
 
 `import` writes our layout (config.json + safetensors + tokenizer + image processor), which generate.py, evaluate.py
 and finetune.py --init-from read; checkpoints.load also reads the source layouts directly. `export` writes
@@ -15,7 +16,9 @@ a chat template (chat_template.jinja, read by the processor and the tokenizer) t
 system prompt included, so apply_chat_template (lmms-eval's llava_hf, vLLM, other servers) prompts it as it was
 trained. llava-hf's own template drops the system prompt. `merge` loads a LoRA run's output (PEFT's adapter files
 and the projector, on their base), adds each adapter's (alpha / r) B A to its base weight and writes the whole model
-in our layout, which then exports like any other.
+in our layout, which then exports like any other. `apply-delta` turns the first paper's released delta weights into
+the model (target = base + delta, checkpoints.apply_delta; LLaVA's `llava/model/apply_delta.py`), in the original
+layout with the delta's config and tokenizer (its added <im_start>/<im_end>): load or `import` it like any other.
 Nothing pickled is ever executed: safetensors, or torch.load(weights_only=True) for .bin files.
 """
 
@@ -47,6 +50,28 @@ def import_checkpoint(source, out, model_base=None):
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
     return model
+
+
+def apply_delta(delta, out, base):
+    """The delta's config, tokenizer and other small files copied to `out`, then base + delta as safetensors;
+    config.json last, so an interrupted run leaves no directory that loads."""
+    import shutil
+
+    if not base:
+        raise UserError("apply-delta: --model-base is required: the LLM the delta was made from (the original LLaMA "
+                        "weights, converted to transformers' layout)")
+    target = checkpoints.apply_delta(base, delta)
+    source = checkpoints.resolve(delta)
+    os.makedirs(out, exist_ok=True)
+    checkpoints.remove(os.path.join(out, "config.json"))
+    small = [f for f in sorted(os.listdir(source)) if f.endswith((".json", ".model", ".txt", ".jinja"))
+             and not f.endswith(".index.json") and f != "config.json"]
+    for f in small:
+        checkpoints.atomic_write(os.path.join(out, f), lambda tmp, f=f: shutil.copyfile(os.path.join(source, f), tmp))
+    checkpoints.write_weights(out, target)
+    checkpoints.atomic_write(os.path.join(out, "config.json"),
+                             lambda tmp: shutil.copyfile(os.path.join(source, "config.json"), tmp))
+    return target
 
 
 def merge_lora(source, out):
@@ -189,10 +214,11 @@ def export_llava_hf(model, tokenizer, image_processor, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("direction", choices=["import", "export", "merge"])
-    p.add_argument("source")
+    p.add_argument("direction", choices=["import", "export", "merge", "apply-delta"])
+    p.add_argument("source", help="the checkpoint to convert (apply-delta: the delta)")
     p.add_argument("out")
-    p.add_argument("--model-base", help="import: the base LLM of a stage-1 (mm_projector.bin) directory")
+    p.add_argument("--model-base", help="import: the base LLM of a stage-1 (mm_projector.bin) directory; "
+                                        "apply-delta: the base LLM the delta was made from")
     args = p.parse_args(argv)
     try:
         if os.path.exists(args.out) and os.path.exists(args.source) and os.path.samefile(args.out, args.source):
@@ -204,13 +230,16 @@ def main(argv=None):
             import_checkpoint(args.source, args.out, args.model_base)
         elif args.direction == "merge":
             merge_lora(args.source, args.out)
+        elif args.direction == "apply-delta":
+            apply_delta(args.source, args.out, args.model_base)
         else:
             model = checkpoints.load(args.source)
             tokenizer, processor = load_tokenizer_and_processor(args.source, model.config)
             export_llava_hf(model, tokenizer, processor, args.out)
     except (*USER_ERRORS, ValueError) as e:  # ValueError: a model this conversion has no equivalent for
         exit_with(e)
-    print(f"{args.direction.removesuffix('e')}ed {args.source} -> {args.out}")
+    done = "applied delta" if args.direction == "apply-delta" else args.direction.removesuffix("e") + "ed"
+    print(f"{done} {args.source} -> {args.out}")
 
 
 if __name__ == "__main__":
