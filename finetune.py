@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 8 finetune.py --preset llava-1.5-7b
     torchrun --nproc_per_node 8 finetune.py --preset llava-1.5-7b-lora               # LoRA: adapters + projector
     python finetune.py --preset llava-1.5-7b-task-lora --data-path mine.json --image-folder images   # one GPU
+    torchrun --nproc_per_node 8 finetune.py --preset llava-v0-13b       # the first paper: Instruct-158K, 3 epochs
 
 Conversations in the `vicuna_v1` template, with only the assistant replies supervised; images padded to square with
 the CLIP mean colour; batches grouped by modality and length; lr 2e-5, global batch 128, one epoch over
@@ -15,6 +16,13 @@ LoRA (`-lora` presets; scripts/v1_5/finetune_lora.sh): the LLM frozen (in bf16) 
 released model on one's own data (`-task` presets; finetune_task.sh, finetune_task_lora.sh, which start from
 liuhaotian/llava-v1.5-13b): --init-from the whole LLaVA-1.5 model, its LLM and projector; pass --data-path and
 --image-folder. The loop itself is train.py's.
+
+The first paper's models (docs/llava.md section 5.2; CLIP ViT-L/14 at 224 px, a linear projector, crop, no grouping,
+lr 2e-5): `llava-v0-13b` is the paper's stage 2, LLaVA-Instruct-158K for 3 epochs at global batch 32 in the `###`
+template with <im_start>/<im_end> (their rows from stage 1); `llava-v0-13b-scienceqa` its ScienceQA run, 12 epochs
+on QCM-LEA from the same stage 1. `llava-v1-*-lightning` and `llava-v1-*` are LLaVA's v1 scripts (finetune.sh on
+llava_instruct_80k for 1 epoch; the full schedule: 158K for 3), `llava-v1-13b-scienceqa` its finetune_sqa.sh (12
+epochs, batch 128, from liuhaotian/llava-pretrain-vicuna-13b-v1.3's projector); Vicuna v1.3, `vicuna_v1` (`v1`).
 """
 
 import train
@@ -28,6 +36,19 @@ DATA = dict(data_path="playground/data/llava_v1_5_mix665k.json", image_folder="p
 
 LORA = dict(lora_r=128, lora_alpha=256, lora_dropout=0.05, lr=2e-4, mm_projector_lr=2e-5)
 TASK = dict(needs="your data: --data-path (LLaVA's JSON format) and --image-folder")
+
+# The first paper's models (haotian-liu/LLaVA scripts/finetune.sh, finetune_sqa.sh; the April-2023 README at 8959d5c)
+V1 = dict(vision_tower="openai/clip-vit-large-patch14", projector_type="linear", vision_feature_layer=-2, lr=2e-5,
+          global_batch_size=128, micro_batch_size=16, image_aspect_ratio="crop", group_by_modality_length=False)
+V0 = dict(**{**V1, "global_batch_size": 32, "micro_batch_size": 4}, llm="checkpoints/vicuna-13b-v0",
+          template="llava_v0", mm_use_im_start_end=True, init_from="checkpoints/llava-13b-v0-pretrain")
+INSTRUCT = dict(image_folder="playground/data/coco/train2017",
+                needs="liuhaotian/LLaVA-Instruct-150K's file in playground/data, COCO train2017 in playground/data/coco "
+                "and stage 1's output (pretrain.py, the preset of the same name)")
+SQA = dict(data_path="ScienceQA/data/scienceqa/llava_train_QCM-LEA.json",
+           image_folder="ScienceQA/data/scienceqa/images/train", epochs=12,
+           needs="ScienceQA's release in ScienceQA/data/scienceqa and its QCM-LEA file (python tools/scienceqa.py "
+           "--split train), and the stage-1 projector")
 
 PRESETS = {
     "llava-1.5-7b": dict(**DATA, llm="lmsys/vicuna-7b-v1.5", init_from="checkpoints/llava-v1.5-7b-pretrain",
@@ -45,6 +66,18 @@ PRESETS = {
         **TASK, **(LORA if lo else {}), llm=f"lmsys/vicuna-{size}-v1.5", init_from=f"liuhaotian/llava-v1.5-{size}",
         output_dir=f"checkpoints/llava-v1.5-{size}-task{'-lora' if lo else ''}") for size in ("7b", "13b")
        for lo in (False, True)},
+    "llava-v0-13b": dict(**V0, **INSTRUCT, data_path="playground/data/llava_instruct_158k.json", epochs=3,
+                         output_dir="checkpoints/llava-13b-v0"),
+    "llava-v0-13b-scienceqa": dict(**V0, **SQA, output_dir="checkpoints/llava-13b-v0-scienceqa"),
+    **{f"llava-v1-{size}{'-lightning' if light else ''}": dict(
+        **V1, **INSTRUCT, llm=f"lmsys/vicuna-{size}-v1.3", template="vicuna_v1",
+        data_path=f"playground/data/llava_instruct_{'80k' if light else '158k'}.json", epochs=1 if light else 3,
+        init_from=f"checkpoints/llava-vicuna-{size}-v1.3-pretrain",
+        output_dir=f"checkpoints/llava-vicuna-{size}-v1.3{'-lightning' if light else ''}")
+       for size in ("7b", "13b") for light in (False, True)},
+    "llava-v1-13b-scienceqa": dict(**V1, **SQA, llm="lmsys/vicuna-13b-v1.3", template="vicuna_v1",
+                                   init_from="liuhaotian/llava-pretrain-vicuna-13b-v1.3",
+                                   output_dir="checkpoints/llava-vicuna-13b-v1.3-scienceqa"),
     # The toy world of tools/toy_world.py: tiny backbones and coloured shapes, minutes on a laptop CPU.
     "toy": dict(vision_tower="runs/toy/world/vision", llm="runs/toy/world/llm",
                 data_path="runs/toy/world/conversations.json", image_folder="runs/toy/world/images",

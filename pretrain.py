@@ -2,12 +2,20 @@
 
     python pretrain.py --preset toy
     torchrun --nproc_per_node 8 pretrain.py --preset llava-1.5-7b
+    torchrun --nproc_per_node 8 pretrain.py --preset llava-v0-13b        # the first paper's stage 1 (CC-595K)
 
 The model reads an image and writes its caption: the `plain` template drops the instruction ("<image>" + caption +
 "\\n"), images are centre-cropped (LLaVA-1.5's pretraining script passed no --image_aspect_ratio), lr 1e-3, global
 batch 256, one epoch over LAION/CC/SBU-558K (docs/llava.md section 5.1; haotian-liu/LLaVA scripts/v1_5/pretrain.sh).
 The output directory holds the projector (config.json + model.safetensors; the backbones are referenced by path),
 which finetune.py starts from. The loop itself is train.py's.
+
+The first paper's models (`-v0-` and `-v1-` presets, docs/llava.md section 5.2): CLIP ViT-L/14 at 224 px (256 image
+tokens), a linear projector, lr 2e-3, global batch 128, one epoch. `llava-v0-13b` is the paper's recipe: CC-595K
+(LLaVA-CC3M-Pretrain-595K's chat.json) in the `###` template with `<im_start>`/`<im_end>` around each image, whose
+two embedding rows train with the projector (--mm-use-im-start-end), on Vicuna-13B v0 (released by lmsys as a delta
+on LLaMA: apply it first; the path is yours). `llava-v1-7b` / `-13b` are LLaVA's v1 script (scripts/pretrain.sh):
+`plain` on the 558K captions, both mm flags off, Vicuna v1.3.
 """
 
 import train
@@ -19,9 +27,21 @@ DATA = dict(data_path="playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.jso
             image_folder="playground/data/LLaVA-Pretrain/images", needs="LLaVA's data in playground/data (the README's "
             "'Reproducing LLaVA-1.5' shows the layout)")
 
+# The first paper's models (haotian-liu/LLaVA scripts/pretrain.sh; the April-2023 README at 8959d5c for v0)
+V1 = dict(vision_tower="openai/clip-vit-large-patch14", projector_type="linear", vision_feature_layer=-2, lr=2e-3,
+          global_batch_size=128, micro_batch_size=16, image_aspect_ratio="crop")
+CC595K = dict(data_path="playground/data/LLaVA-CC3M-Pretrain-595K/chat.json",
+              image_folder="playground/data/LLaVA-CC3M-Pretrain-595K/images",
+              needs="liuhaotian/LLaVA-CC3M-Pretrain-595K (chat.json, images.zip unpacked into images/) in playground/data "
+              "and Vicuna v0 applied to LLaMA in checkpoints/vicuna-13b-v0 (the README's 'The first paper')")
+
 PRESETS = {
     "llava-1.5-7b": dict(**DATA, llm="lmsys/vicuna-7b-v1.5", output_dir="checkpoints/llava-v1.5-7b-pretrain"),
     "llava-1.5-13b": dict(**DATA, llm="lmsys/vicuna-13b-v1.5", output_dir="checkpoints/llava-v1.5-13b-pretrain"),
+    "llava-v0-13b": dict(**V1, **CC595K, llm="checkpoints/vicuna-13b-v0", template="llava_v0",
+                         mm_use_im_start_end=True, output_dir="checkpoints/llava-13b-v0-pretrain"),
+    **{f"llava-v1-{size}": dict(**V1, **DATA, template="plain", llm=f"lmsys/vicuna-{size}-v1.3",
+                                output_dir=f"checkpoints/llava-vicuna-{size}-v1.3-pretrain") for size in ("7b", "13b")},
     # The toy world of tools/toy_world.py: tiny backbones and coloured shapes, minutes on a laptop CPU.
     "toy": dict(vision_tower="runs/toy/world/vision", llm="runs/toy/world/llm", data_path="runs/toy/world/captions.json",
                 image_folder="runs/toy/world/images", output_dir="runs/toy/pretrain", global_batch_size=32,

@@ -177,3 +177,103 @@ def test_v1_stage1_projector_brings_its_token_rows(v1_release, tmp_path):
     assert got.shape[0] == n + 2
     torch.testing.assert_close(got[n:], embed[n:], rtol=0, atol=0)
     torch.testing.assert_close(got[:n], checkpoints.read_weights(base)["model.embed_tokens.weight"], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The presets: each new one runs a step end to end, on the toy world's backbones and data in the real files' formats
+
+
+@pytest.fixture(scope="module")
+def v1_data(world, tmp_path_factory):
+    """CC-595K's chat.json, the Instruct-158K file and ScienceQA's QCM-LEA file (tools/scienceqa.py), on the world's
+    pictures: {name: (data file, image folder)}."""
+    import json
+
+    from PIL import Image
+
+    from test_scienceqa import PROBLEMS, SPLITS
+    from tools import scienceqa
+
+    root = tmp_path_factory.mktemp("v1data")
+    pictures = sorted((world["root"] / "images").iterdir())[:4]
+    (root / "cc" / "images").mkdir(parents=True)
+    (root / "coco").mkdir()
+    chat, instruct = [], []
+    for i, picture in enumerate(pictures):
+        cc, coco = f"GCC_train_{i:09d}.jpg", f"{i:012d}.jpg"
+        Image.open(picture).convert("RGB").save(root / "cc" / "images" / cc)
+        Image.open(picture).convert("RGB").save(root / "coco" / coco)
+        chat.append({"id": cc[:-4], "image": cc, "conversations": [  # (CC-595K puts <image> after the text)
+            {"from": "human", "value": "Describe the image concisely.\n<image>"},
+            {"from": "gpt", "value": f"a picture with shapes number {i} ."}]})
+        instruct.append({"id": coco[:-4], "image": coco, "conversations": [
+            {"from": "human", "value": "What is in the image?\n<image>"}, {"from": "gpt", "value": "Shapes."},
+            {"from": "human", "value": "How many?"}, {"from": "gpt", "value": f"There are {i + 1}."}]})
+    (root / "cc" / "chat.json").write_text(json.dumps(chat))
+    (root / "instruct.json").write_text(json.dumps(instruct))
+    sqa = root / "sqa"
+    (sqa / "images" / "train" / "7").mkdir(parents=True)
+    (sqa / "problems.json").write_text(json.dumps(PROBLEMS))
+    (sqa / "pid_splits.json").write_text(json.dumps(SPLITS))
+    Image.open(pictures[0]).convert("RGB").save(sqa / "images" / "train" / "7" / "image.png")
+    sqa_file, _ = scienceqa.build(str(sqa), "train", "QCM-LEA")
+    return {"cc595k": (root / "cc" / "chat.json", root / "cc" / "images"), "instruct": (root / "instruct.json",
+            root / "coco"), "scienceqa": (sqa_file, sqa / "images" / "train")}
+
+
+def preset_run(world, module, preset, out, data, init_from=None):
+    """One step of `preset` with the world's backbones and tiny sizes; the preset's recipe (template, projector,
+    tower layer, the <im_start>/<im_end> flag, schedule) as it is. Returns the run's settings."""
+    stage = module.STAGE_1 if module.__name__ == "pretrain" else module.STAGE_2
+    argv = ["--preset", preset, "--vision-tower", world["vision"], "--llm", world["llm"], "--output-dir", str(out),
+            "--data-path", str(data[0]), "--image-folder", str(data[1]), "--global-batch-size", "2",
+            "--micro-batch-size", "2", "--max-steps", "1", "--num-workers", "0", "--precision", "fp32",
+            "--no-activation-checkpointing", "--max-length", "256"] + (["--init-from", str(init_from)] if init_from
+                                                                      else [])
+    cfg = train.parse_config(argv, stage, module.PRESETS, "")
+    try:
+        train.train(cfg)
+    finally:
+        train.dist.destroy_process_group()
+    return cfg
+
+
+def test_the_first_papers_presets_run(world, v1_data, tmp_path):
+    import finetune
+    import pretrain
+
+    runs = [(pretrain, "llava-v0-13b", "cc595k", None), (finetune, "llava-v0-13b", "instruct", "p-llava-v0-13b"),
+            (finetune, "llava-v0-13b-scienceqa", "scienceqa", "p-llava-v0-13b"),
+            (pretrain, "llava-v1-7b", "cc595k", None), (finetune, "llava-v1-7b-lightning", "instruct", "p-llava-v1-7b"),
+            (finetune, "llava-v1-13b-scienceqa", "scienceqa", "p-llava-v1-7b")]
+    for module, preset, data, init in runs:
+        out = tmp_path / f"{module.__name__[0]}-{preset}"
+        cfg = preset_run(world, module, preset, out, v1_data[data], init and tmp_path / init)
+        assert (cfg.projector_type, cfg.vision_feature_layer, cfg.image_aspect_ratio) == ("linear", -2, "crop")
+        assert cfg.mm_use_im_start_end == ("v0" in preset) and cfg.template == \
+            ("llava_v0" if "v0" in preset else "plain" if module is pretrain else "vicuna_v1")
+        assert len(losses(out)) == 1 and losses(out)[0] == losses(out)[0]  # a step, finite
+        model, fmt, _ = generate.load(str(out))
+        assert fmt.im_start_end == cfg.mm_use_im_start_end and model.config.template == cfg.template
+    assert (cfg.epochs, cfg.global_batch_size) == (12, 2)  # (the ScienceQA schedule's epochs; the batch ours)
+
+
+# (epochs, global batch, lr, data file) as LLaVA's scripts and the April-2023 README give them (docs/llava.md 5.2)
+SCHEDULES = {("pretrain", "llava-v0-13b"): (1, 128, 2e-3, "chat.json"),
+             ("pretrain", "llava-v1-13b"): (1, 128, 2e-3, "blip_laion_cc_sbu_558k.json"),
+             ("finetune", "llava-v0-13b"): (3, 32, 2e-5, "llava_instruct_158k.json"),
+             ("finetune", "llava-v1-7b-lightning"): (1, 128, 2e-5, "llava_instruct_80k.json"),
+             ("finetune", "llava-v1-13b"): (3, 128, 2e-5, "llava_instruct_158k.json"),
+             ("finetune", "llava-v1-13b-scienceqa"): (12, 128, 2e-5, "llava_train_QCM-LEA.json")}
+
+
+@pytest.mark.parametrize("stage, preset", sorted(SCHEDULES))
+def test_the_presets_schedules_are_the_scripts(stage, preset):
+    import finetune
+    import pretrain
+
+    module = pretrain if stage == "pretrain" else finetune
+    cfg = train.parse_config(["--preset", preset], module.STAGE_1 if module is pretrain else module.STAGE_2,
+                             module.PRESETS, "")
+    assert (cfg.epochs, cfg.global_batch_size, cfg.lr, cfg.data_path.rsplit("/", 1)[1]) == SCHEDULES[stage, preset]
+    assert (cfg.vision_tower, cfg.weight_decay, cfg.warmup_ratio) == ("openai/clip-vit-large-patch14", 0, 0.03)
