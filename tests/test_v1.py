@@ -148,6 +148,10 @@ def test_apply_delta_gives_base_plus_delta_and_loads_as_v1(v1_release, tmp_path)
     at = ids.index(IMAGE_TOKEN_INDEX)
     assert fmt.tokenizer.convert_ids_to_tokens([ids[at - 1], ids[at + model.num_image_tokens]]) == \
         [IM_START_TOKEN, IM_END_TOKEN]
+    convert.main(["import", out, str(tmp_path / "ours"), "--template", "llava_v0"])  # a v0 model: its template kept
+    ours, fmt, _ = generate.load(str(tmp_path / "ours"))
+    assert (ours.config.template, ours.config.mm_use_im_start_end, fmt.im_start_end) == ("llava_v0", True, True)
+    torch.testing.assert_close(ours.state_dict()[EMBED], model.state_dict()[EMBED], rtol=0, atol=0)
 
 
 def test_apply_delta_refuses_another_base(v1_release, tmp_path, backbones):

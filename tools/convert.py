@@ -24,6 +24,7 @@ Nothing pickled is ever executed: safetensors, or torch.load(weights_only=True) 
 
 import argparse
 import copy
+from dataclasses import replace
 import json
 import os
 import sys
@@ -41,9 +42,13 @@ from generate import USER_ERRORS, exit_with  # noqa: E402
 from model import params_on_meta  # noqa: E402
 
 
-def import_checkpoint(source, out, model_base=None):
-    """Any layout checkpoints.load reads, written in ours; LoRA adapters (LLaVA's LoRA outputs) merged first."""
+def import_checkpoint(source, out, model_base=None, template=None):
+    """Any layout checkpoints.load reads, written in ours; LoRA adapters (LLaVA's LoRA outputs) merged first.
+    template: the conversation template to record, for a source whose config does not say it (the original layout's:
+    llava_v0 for the first paper's v0 models; vicuna_v1 otherwise)."""
     model = checkpoints.load(source, model_base=model_base)
+    if template:
+        model.config = replace(model.config, template=template)
     lora.merge(model.language_model)
     tokenizer, processor = load_tokenizer_and_processor(source, model.config)
     checkpoints.save(model, out)
@@ -219,6 +224,8 @@ def main(argv=None):
     p.add_argument("out")
     p.add_argument("--model-base", help="import: the base LLM of a stage-1 (mm_projector.bin) directory; "
                                         "apply-delta: the base LLM the delta was made from")
+    p.add_argument("--template", help="import: the conversation template to record (the original layout does not "
+                                      "say it: llava_v0 for the first paper's v0 models; default vicuna_v1)")
     args = p.parse_args(argv)
     try:
         if os.path.exists(args.out) and os.path.exists(args.source) and os.path.samefile(args.out, args.source):
@@ -227,7 +234,7 @@ def main(argv=None):
         if os.path.isfile(args.out):
             raise UserError(f"out {args.out}: a file; name a directory for the converted model")
         if args.direction == "import":
-            import_checkpoint(args.source, args.out, args.model_base)
+            import_checkpoint(args.source, args.out, args.model_base, args.template)
         elif args.direction == "merge":
             merge_lora(args.source, args.out)
         elif args.direction == "apply-delta":
