@@ -462,8 +462,8 @@ def apply_delta(base, delta):
         rows = name.endswith(("embed_tokens.weight", "lm_head.weight")) and d.shape[1:] == b.shape[1:] and \
             d.shape[0] > b.shape[0]
         if d.shape != b.shape and not rows:
-            raise UserError(f"delta {delta}: tensor {name} is {list(d.shape)} there but {list(b.shape)} in base {base}: "
-                            "pass the base LLM the delta was made from (LLaMA of the same size)")
+            raise UserError(f"delta {delta}: tensor {name} is {list(d.shape)} there but {list(b.shape)} in base "
+                            f"{base}: pass the base LLM the delta was made from (LLaMA of the same size)")
         summed = d.float()
         summed[:b.shape[0]] += b.float()
         target[name] = summed.to(d.dtype)

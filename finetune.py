@@ -43,8 +43,8 @@ V1 = dict(vision_tower="openai/clip-vit-large-patch14", projector_type="linear",
 V0 = dict(**{**V1, "global_batch_size": 32, "micro_batch_size": 4}, llm="checkpoints/vicuna-13b-v0",
           template="llava_v0", mm_use_im_start_end=True, init_from="checkpoints/llava-13b-v0-pretrain")
 INSTRUCT = dict(image_folder="playground/data/coco/train2017",
-                needs="liuhaotian/LLaVA-Instruct-150K's file in playground/data, COCO train2017 in playground/data/coco "
-                "and stage 1's output (pretrain.py, the preset of the same name)")
+                needs="liuhaotian/LLaVA-Instruct-150K's file in playground/data, COCO train2017 in "
+                "playground/data/coco and stage 1's output (pretrain.py, the preset of the same name)")
 SQA = dict(data_path="ScienceQA/data/scienceqa/llava_train_QCM-LEA.json",
            image_folder="ScienceQA/data/scienceqa/images/train", epochs=12,
            needs="ScienceQA's release in ScienceQA/data/scienceqa and its QCM-LEA file (python tools/scienceqa.py "

@@ -32,8 +32,9 @@ V1 = dict(vision_tower="openai/clip-vit-large-patch14", projector_type="linear",
           global_batch_size=128, micro_batch_size=16, image_aspect_ratio="crop")
 CC595K = dict(data_path="playground/data/LLaVA-CC3M-Pretrain-595K/chat.json",
               image_folder="playground/data/LLaVA-CC3M-Pretrain-595K/images",
-              needs="liuhaotian/LLaVA-CC3M-Pretrain-595K (chat.json, images.zip unpacked into images/) in playground/data "
-              "and Vicuna v0 applied to LLaMA in checkpoints/vicuna-13b-v0 (the README's 'The first paper')")
+              needs="liuhaotian/LLaVA-CC3M-Pretrain-595K (chat.json, images.zip unpacked into images/) in "
+              "playground/data and Vicuna v0 applied to LLaMA in checkpoints/vicuna-13b-v0 (the README's 'The first "
+              "paper')")
 
 PRESETS = {
     "llava-1.5-7b": dict(**DATA, llm="lmsys/vicuna-7b-v1.5", output_dir="checkpoints/llava-v1.5-7b-pretrain"),
