@@ -329,7 +329,13 @@ def from_our_layout(path, saved):
     if "language_model" in present and "llm" in backbones:  # stage 1's input embeddings over the referenced LLM
         llm = from_pretrained_complete(AutoModelForCausalLM, find_backbone(path, "llm", config.llm,
                                                                            backbones.get("llm")))
-        grow_vocab(llm, added_rows(path, config))
+        ids = added_rows(path, config)
+        grow_vocab(llm, ids)
+        if ids:  # only the new rows: the others were not trained, and their copy here is in the saved dtype (bf16)
+            for name, tensor in llm.state_dict().items():
+                key = f"language_model.{name}"
+                if key in state and tensor.shape == state[key].shape:
+                    state[key] = tensor.index_copy(0, torch.tensor(ids), state[key][list(ids)].to(tensor.dtype))
     elif "language_model" in present:
         with params_on_meta(), reading(path, "checkpoint"):
             llm = AutoModelForCausalLM.from_config(sub_config("text_config"))

@@ -281,3 +281,23 @@ def test_the_presets_schedules_are_the_scripts(stage, preset):
                              module.PRESETS, "")
     assert (cfg.epochs, cfg.global_batch_size, cfg.lr, cfg.data_path.rsplit("/", 1)[1]) == SCHEDULES[stage, preset]
     assert (cfg.vision_tower, cfg.weight_decay, cfg.warmup_ratio) == ("openai/clip-vit-large-patch14", 0, 0.03)
+
+
+def test_a_bf16_stage1_output_keeps_the_base_rows_exact(world, stage1, tmp_path):
+    """A bf16 run saves the embedding matrix in bf16; loading takes only the two trained rows from it, the others
+    stay the base LLM's (not their bf16 rounding)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, trained = stage1
+    copy = tmp_path / "bf16"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    state = load_file(copy / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, copy / "model.safetensors", {"format": "pt"})
+    ids = load_tokenizer(str(out)).convert_tokens_to_ids([IM_START_TOKEN, IM_END_TOKEN])
+    loaded = checkpoints.load(str(copy), dtype=torch.float32).state_dict()[EMBED]
+    base = base_llm(world)[EMBED]
+    others = [i for i in range(loaded.shape[0]) if i not in ids]
+    assert torch.equal(loaded[others], base[others])
+    assert torch.equal(loaded[ids], trained[EMBED][ids].to(torch.bfloat16).float())
