@@ -569,8 +569,8 @@ def prepare(model, cfg, im_token_ids=()):
     With LoRA, the LLM's base weights stay frozen in the compute dtype (bf16: half the memory of fp32 masters; they
     get no gradient and no optimizer state) and the fp32 adapters train.
     With --mm-use-im-start-end, stage 1 also trains the input embeddings of <im_start> and <im_end>, and only those
-    two rows (LlavaModel.trainable_token_ids): LLaVA marks the whole input embedding matrix trainable there, so every
-    word of the captions moved too; its output head stays frozen, as here.
+    two rows (LlavaModel.trainable_token_ids), as the paper-era code did (`llava/model/llava.py` detached every other
+    embedding); LLaVA's later llava_arch.py trains the whole input matrix there. The output head stays frozen.
     """
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
