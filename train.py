@@ -177,6 +177,9 @@ def check_settings(cfg):
         raise UserError("--mm-use-im-start-end with --template plain: plain writes each image alone (LLaVA's "
                         "preprocess_plain drops the wrapping too), so the two tokens would never be read; use "
                         "--template llava_v0, the first paper's, or --no-mm-use-im-start-end")
+    if cfg.mm_use_im_start_end and cfg.lora_r:
+        raise UserError("--mm-use-im-start-end with --lora-r: a LoRA output holds the adapters and the projector, not "
+                        "the two new embedding rows its base LLM lacks; fine-tune fully (--lora-r 0)")
     if cfg.lora_r and not cfg.train_llm:
         raise UserError(f"--lora-r {cfg.lora_r}: LoRA adapts the LLM, which this stage keeps frozen (--no-train-llm); "
                         "use it with finetune.py (--train-llm), or pass --lora-r 0")
@@ -576,6 +579,10 @@ def prepare(model, cfg, im_token_ids=()):
     model.multi_modal_projector.requires_grad_(True)
     model.language_model.requires_grad_(cfg.train_llm and not cfg.lora_r)
     if cfg.mm_use_im_start_end and not cfg.train_llm:
+        if model.language_model.get_input_embeddings().weight is model.language_model.get_output_embeddings().weight:
+            raise UserError(f"--mm-use-im-start-end: {cfg.llm} ties its input embeddings to its output head, so "
+                            "training the two rows would move the head's every row too; use an LLM with its own "
+                            "head (Vicuna, Llama)")
         model.language_model.get_input_embeddings().requires_grad_(True)
         model.trainable_token_ids = tuple(im_token_ids)
     if cfg.lora_r:

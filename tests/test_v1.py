@@ -306,3 +306,18 @@ def test_a_bf16_stage1_output_keeps_the_base_rows_exact(world, stage1, tmp_path)
     others = [i for i in range(loaded.shape[0]) if i not in ids]
     assert torch.equal(loaded[others], base[others])
     assert torch.equal(loaded[ids], trained[EMBED][ids].to(torch.bfloat16).float())
+
+
+def test_settings_that_cannot_work_are_refused(world, tmp_path):
+    from test_train import flags
+
+    import pretrain
+
+    def refused(stage, **overrides):
+        defaults = pretrain.STAGE_1 if stage == "pretrain" else __import__("finetune").STAGE_2
+        with pytest.raises(ValueError) as e:
+            train.parse_config(flags(world, tmp_path, stage, mm_use_im_start_end=True, **overrides), defaults, {}, "")
+        return str(e.value)
+
+    assert "--template plain" in refused("pretrain")  # plain writes the image alone: the tokens would never be read
+    assert "--lora-r" in refused("finetune", template="llava_v0", lora_r=4)
