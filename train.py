@@ -579,7 +579,7 @@ def prepare(model, cfg, im_token_ids=()):
     model.multi_modal_projector.requires_grad_(True)
     model.language_model.requires_grad_(cfg.train_llm and not cfg.lora_r)
     if cfg.mm_use_im_start_end and not cfg.train_llm:
-        if model.language_model.get_input_embeddings().weight is model.language_model.get_output_embeddings().weight:
+        if model.language_model.config.get_text_config().tie_word_embeddings:
             raise UserError(f"--mm-use-im-start-end: {cfg.llm} ties its input embeddings to its output head, so "
                             "training the two rows would move the head's every row too; use an LLM with its own "
                             "head (Vicuna, Llama)")

@@ -321,3 +321,19 @@ def test_settings_that_cannot_work_are_refused(world, tmp_path):
 
     assert "--template plain" in refused("pretrain")  # plain writes the image alone: the tokens would never be read
     assert "--lora-r" in refused("finetune", template="llava_v0", lora_r=4)
+
+
+def test_a_tied_head_is_refused(world, tmp_path, llama_tok):
+    import pretrain
+    from test_train import flags
+    from tools.tiny import save_tiny_backbones, tiny_llama_config
+
+    _, llm = save_tiny_backbones(str(tmp_path), llama_config=tiny_llama_config(tie_word_embeddings=True),
+                                 tokenizer=llama_tok)
+    cfg = train.parse_config(flags(world, tmp_path / "out", "pretrain", llm=llm, template="llava_v0",
+                                   mm_use_im_start_end=True), pretrain.STAGE_1, {}, "")
+    from model import LlavaModel
+
+    model = LlavaModel.from_config(cfg.model_config(), empty=True, added_token_ids=(600, 601))
+    with pytest.raises(ValueError, match="ties its input embeddings"):
+        train.prepare(model, cfg, (600, 601))
