@@ -327,9 +327,9 @@ def from_our_layout(path, saved):
         tower = load_vision_tower(find_backbone(path, "vision_tower", config.vision_tower,
                                                 backbones.get("vision_tower")))
     if "language_model" in present and "llm" in backbones:  # stage 1's input embeddings over the referenced LLM
-        llm = from_pretrained_complete(AutoModelForCausalLM, find_backbone(path, "llm", config.llm,
-                                                                           backbones.get("llm")))
-        ids = added_rows(path, config)
+        base = find_backbone(path, "llm", config.llm, backbones.get("llm"))
+        llm = from_pretrained_complete(AutoModelForCausalLM, base)
+        ids = added_rows(path, config, base)
         grow_vocab(llm, ids)
         if ids:  # only the new rows: the others were not trained, and their copy here is in the saved dtype (bf16)
             for name, tensor in llm.state_dict().items():
@@ -352,13 +352,13 @@ def from_our_layout(path, saved):
     return assign_weights(llava_model(path, config, tower, llm), state, path)
 
 
-def added_rows(path, config):
+def added_rows(path, config, base):
     """<im_start>'s and <im_end>'s ids in the checkpoint's tokenizer, when the run added them to its --llm's: their
     rows in the LLM are then new, initialised as training did (model.grow_vocab); () otherwise."""
     if not config.mm_use_im_start_end:
         return ()
     ids, _ = add_im_start_end(load_tokenizer(path))
-    _, base_lacked = add_im_start_end(load_tokenizer(config.llm))
+    _, base_lacked = add_im_start_end(load_tokenizer(base))
     return ids if base_lacked else ()
 
 
