@@ -135,6 +135,37 @@ def keyed(document, path, **fields):
     return {k: require(v, fields, f"{path}, {k!r}") for k, v in document.items()}
 
 
+def read_appended(path, check, not_json):
+    """The records of a JSON-lines file that a run appends to (and resumes from), each passed to check(record, where)
+    first. The file is checked whole before it is touched: a line that is not JSON is an error (`not_json` says what
+    the file should have been). Then a last line cut short by a crash (no newline, not JSON) is cut off the file with
+    os.truncate, which removes those bytes alone: a crash during the repair cannot lose an earlier record."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")  # the last item: what follows the last newline, b"" in a whole file
+    records, cut = [], None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            if n == len(lines):  # cut by a crash mid-line
+                cut = len(line)
+                break
+            raise DataError(f"{path}, line {n}: {not_json}") from None
+        check(record, f"{path}, line {n}")
+        records.append(record)
+    if cut is not None:
+        print(f"warning: {path}: dropping its last line, cut short by an interrupted run", file=sys.stderr)
+        os.truncate(path, os.path.getsize(path) - cut)
+    elif lines[-1].strip():  # a whole last record without its newline (an edited file): give it one
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return records
+
+
 def beside(path, suffix):
     """A file written next to `path`: its extension replaced by `suffix` ("run.v1/a.jsonl" -> "run.v1/a" + suffix;
     a dot in a folder's name is not an extension)."""

@@ -35,7 +35,7 @@ from dataclasses import asdict, fields
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner
 
 import lora
 from data import UserError, load_tokenizer
@@ -823,8 +823,8 @@ def load_sharded(state, path):
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        check_metadata(path)  # here too: dcp.load reports its reader's errors without their type
-        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+        check_metadata(path)  # on every rank, before dcp's reader unpickles the file
+        dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner())
     except (UnsafeCheckpoint, CheckpointException) as e:
         error = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
         if isinstance(error, UnsafeCheckpoint):
@@ -864,14 +864,6 @@ def check_metadata(path):
     except Exception as e:  # cut, or not a pickle at all
         raise UserError(f"{path}/.metadata is unreadable ({type(e).__name__}: {e}); delete its checkpoint to resume "
                         "from the one before it") from None
-
-
-class SafeReader(FileSystemReader):
-    """dcp's reader, with the metadata checked by MetadataUnpickler before torch's own code reads it."""
-
-    def read_metadata(self, *args, **kwargs):
-        check_metadata(self.path)
-        return super().read_metadata(*args, **kwargs)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

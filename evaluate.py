@@ -39,11 +39,11 @@ import fcntl
 import io
 import json
 import os
-import sys
 import uuid
 
 import generate
-from benchmarks import BENCHMARKS, ID, atomic_write, beside, mmbench_questions, read_questions, require, sqa_turn
+from benchmarks import BENCHMARKS, ID, atomic_write, beside, mmbench_questions, read_appended, read_questions, \
+    require, sqa_turn
 from data import IMAGE_TOKEN, DataError, UserError, load_image, process_image
 
 
@@ -103,37 +103,15 @@ def answer_key(question_id, round_id, prompt):
 
 
 def answered(path):
-    """{answer key: model_id} of the answers already in an answers file, which run appends to. The file is checked
-    whole before it is touched: a malformed line, or one that is no answer, is an error naming it (it may be another
-    file given as --answers). Then a last line cut short by a crash (no newline, not JSON) is cut off the file with
-    os.truncate, which removes those bytes alone: a crash during the repair cannot lose an earlier answer."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")  # the last item: what follows the last newline, b"" in a whole file
-    done, cut = {}, None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            a = json.loads(line)
-        except ValueError:  # not JSON, or not UTF-8
-            if n == len(lines):  # cut by a crash mid-line
-                cut = len(line)
-                break
-            raise DataError(f"{path}, line {n}: not a JSON answer line; is --answers an answers file of "
-                            "`evaluate.py run`?") from None
-        require(a, {"question_id": ID}, f"{path}, line {n}")
+    """{answer key: model_id} of the answers already in an answers file, which run appends to: every line checked
+    before a line cut by a crash is dropped (benchmarks.read_appended)."""
+    def check(a, where):
+        require(a, {"question_id": ID}, where)
         if not isinstance(a.get("prompt", ""), str) or not isinstance(a.get("round_id", 0), int):
-            raise DataError(f"{path}, line {n}: 'prompt' must be a string, 'round_id' an integer")
-        done[answer_key(a["question_id"], a.get("round_id"), a.get("prompt"))] = a.get("model_id")
-    if cut is not None:
-        print(f"warning: {path}: dropping its last line, cut short by an interrupted run", file=sys.stderr)
-        os.truncate(path, os.path.getsize(path) - cut)
-    elif lines[-1].strip():  # a whole last answer without its newline (an edited file): give it one
-        with open(path, "ab") as f:
-            f.write(b"\n")
-    return done
+            raise DataError(f"{where}: 'prompt' must be a string, 'round_id' an integer")
+
+    answers = read_appended(path, check, "not a JSON answer line; is --answers an answers file of `evaluate.py run`?")
+    return {answer_key(a["question_id"], a.get("round_id"), a.get("prompt")): a.get("model_id") for a in answers}
 
 
 def run(args):

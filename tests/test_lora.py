@@ -21,7 +21,7 @@ import train
 from tools import convert
 from data import IMAGE_TOKEN_INDEX, UserError
 from model import LlavaConfig, LlavaModel
-from test_train import flags, losses, max_diff, run
+from test_train import flags, killed_after_checkpoint, losses, max_diff, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -80,17 +80,7 @@ def test_lora_run_trains_adapters_and_projector_resumes_exactly_and_saves_peft_f
     from test_train import backbone_weights
 
     straight = run(world, tmp_path / "straight", max_steps=4, save_every=2, **LORA)
-    save = train.save_checkpoint
-
-    def save_then_die(model, optimizer, step, *args):
-        save(model, optimizer, step, *args)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(world, tmp_path / "resumed", max_steps=4, save_every=2, **LORA)
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    killed_after_checkpoint(2, monkeypatch, world, tmp_path / "resumed", max_steps=4, save_every=2, **LORA)
     with pytest.raises(UserError, match="--lora-r was 4, now 8"):
         run(world, tmp_path / "resumed", max_steps=4, save_every=2, resume=True, **{**LORA, "lora_r": 8})
     resumed = run(world, tmp_path / "resumed", max_steps=4, save_every=2, resume=True, **LORA)

@@ -45,6 +45,22 @@ def run(world, out, stage="finetune", **overrides):
         train.dist.destroy_process_group()
 
 
+def killed_after_checkpoint(step, monkeypatch, world, out, stage="finetune", **overrides):
+    """run(world, out, stage, **overrides), stopped (KeyboardInterrupt) right after checkpoint `step` is written, as
+    a run killed there; the next run resumes from it."""
+    save = train.save_checkpoint
+
+    def save_then_die(model, optimizer, at, *args):
+        save(model, optimizer, at, *args)
+        if at == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, out, stage, **overrides)
+    monkeypatch.setattr(train, "save_checkpoint", save)
+
+
 def losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f]
@@ -89,17 +105,7 @@ def test_micro_batching_does_not_change_the_update(world, tmp_path):
 
 def test_resumed_run_equals_uninterrupted_run(world, tmp_path, monkeypatch):
     straight = run(world, tmp_path / "straight", max_steps=6, save_every=2)
-    save = train.save_checkpoint
-
-    def save_then_die(model, optimizer, step, *args):
-        save(model, optimizer, step, *args)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(world, tmp_path / "resumed", max_steps=6, save_every=2)
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    killed_after_checkpoint(4, monkeypatch, world, tmp_path / "resumed", max_steps=6, save_every=2)
     resumed = run(world, tmp_path / "resumed", max_steps=6, save_every=2, resume=True)
     assert max_diff(straight, resumed) == 0
     assert losses(tmp_path / "straight")[4:] == losses(tmp_path / "resumed")[4:]

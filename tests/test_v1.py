@@ -9,7 +9,7 @@ import checkpoints
 import generate
 import train
 from data import IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN_INDEX, load_tokenizer
-from test_train import losses, max_diff, run
+from test_train import killed_after_checkpoint, losses, max_diff, run
 
 EMBED, HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
 
@@ -62,17 +62,7 @@ def test_stage1_resumes_exactly(world, tmp_path, monkeypatch):
     """Stage 1 with the two rows training (their optimizer state, the gradient kept off the other rows) resumed."""
     common = dict(stage="pretrain", mm_use_im_start_end=True, template="llava_v0", max_steps=4, save_every=2, lr=1e-2)
     straight = run(world, tmp_path / "straight", **common)
-    save = train.save_checkpoint
-
-    def save_then_die(model, optimizer, step, *args):
-        save(model, optimizer, step, *args)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(world, tmp_path / "resumed", **common)
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    killed_after_checkpoint(2, monkeypatch, world, tmp_path / "resumed", **common)
     resumed = run(world, tmp_path / "resumed", resume=True, **common)
     assert max_diff(straight, resumed) == 0
     assert losses(tmp_path / "straight")[2:] == losses(tmp_path / "resumed")[2:]

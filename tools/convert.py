@@ -50,11 +50,16 @@ def import_checkpoint(source, out, model_base=None, template=None):
     if template:
         model.config = replace(model.config, template=template)
     lora.merge(model.language_model)
+    write_with_tokenizer(model, source, out)
+    return model
+
+
+def write_with_tokenizer(model, source, out):
+    """model in our layout at `out`, with the tokenizer and image processor of `source`."""
     tokenizer, processor = load_tokenizer_and_processor(source, model.config)
     checkpoints.save(model, out)
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
-    return model
 
 
 def apply_delta(delta, out, base):
@@ -86,10 +91,7 @@ def merge_lora(source, out):
         raise UserError(f"source {source}: holds no LoRA adapters ({checkpoints.ADAPTER_CONFIG}); merge takes a LoRA "
                         "run's output (finetune.py --lora-r)")
     lora.merge(model.language_model)
-    tokenizer, processor = load_tokenizer_and_processor(source, model.config)
-    checkpoints.save(model, out)
-    tokenizer.save_pretrained(out)
-    processor.save_pretrained(out)
+    write_with_tokenizer(model, source, out)
     return model
 
 

@@ -43,7 +43,8 @@ import threading
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import judge  # noqa: E402
-from benchmarks import atomic_write, entries, read_json, read_jsonl, reading, require  # noqa: E402
+from benchmarks import (atomic_write, entries, read_appended, read_json, read_jsonl, reading,  # noqa: E402
+                        require)
 from data import IMAGE_TOKEN, DataError, UserError  # noqa: E402
 from generate import USER_ERRORS, exit_with, flag_type, non_negative_float, non_negative_int, positive_int  # noqa: E402
 
@@ -249,30 +250,11 @@ def detail_instruction(seed, image_id, instructions=DETAIL_INSTRUCTIONS):
 def done_samples(path):
     """The samples already in a work file (<kind>.jsonl), by id. A last line cut short by a crash (no newline, not
     JSON) is cut off the file; any other bad line is an error naming it (is --out another folder?)."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    done, cut = {}, None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            sample = json.loads(line)
-        except ValueError:
-            if n == len(lines):  # cut by a crash mid-write
-                cut = len(line)
-                break
-            raise DataError(f"{path}, line {n}: not a JSON sample; is --out a folder of this tool's?") from None
-        require(sample, {"id": str, "image": str, "conversations": list}, f"{path}, line {n}")
-        done[sample["id"]] = sample
-    if cut is not None:
-        print(f"warning: {path}: dropping its last line, cut short by an interrupted run", file=sys.stderr)
-        os.truncate(path, os.path.getsize(path) - cut)
-    elif lines[-1].strip():  # a whole last sample without its newline (an edited file): give it one
-        with open(path, "ab") as f:
-            f.write(b"\n")
-    return done
+    def check(sample, where):
+        require(sample, {"id": str, "image": str, "conversations": list}, where)
+
+    samples = read_appended(path, check, "not a JSON sample; is --out a folder of this tool's?")
+    return {sample["id"]: sample for sample in samples}
 
 
 def append_line(fd, sample):
