@@ -73,6 +73,10 @@ def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**3
             config[field], backbones[field] = reference(config[field])
         elif os.path.isdir(config[field]):  # held, but its path still says where it came from (the LLM: the tokenizer)
             config[field] = os.path.abspath(config[field])
+    if model.config.projector_type == "qformer":  # every size, so that a later change of a default changes no model;
+        config["qformer"] = model.multi_modal_projector.config.to_dict()   # its tokenizer is saved beside (train.py)
+        if os.path.isdir(config["qformer_tokenizer"]):
+            config["qformer_tokenizer"] = os.path.abspath(config["qformer_tokenizer"])
     if lora_base:
         config[LORA_BASE], backbones[LORA_BASE] = reference(lora_base)
     if backbones:
@@ -366,7 +370,8 @@ def our_config(path, saved):
     """The LlavaConfig and the backbone records of our config.json, every value checked: a field missing (which
     would take a default: another tower, another template) or of the wrong type is a UserError naming the file."""
     file = os.path.join(path, "config.json")
-    saved = {"mm_use_im_start_end": False, **saved}  # (written since the first paper's models came in)
+    # (written since the first paper's models came in, and since the qformer did)
+    saved = {"mm_use_im_start_end": False, "qformer": {}, "qformer_tokenizer": "", **saved}
     lacking = [k for k in [f.name for f in fields(LlavaConfig)] + ["vision_config", "text_config"] if k not in saved]
     if lacking:
         raise UserError(f"{file} lacks {', '.join(lacking)}, which checkpoints.save writes: the file is damaged or not "
@@ -501,7 +506,8 @@ def from_transformers_llava(hf, source=""):
     setattr(llm, llm.base_model_prefix, hf.model.language_model)
     llm.lm_head = hf.lm_head
     model = llava_model(source, config, hf.model.vision_tower, llm)
-    model.multi_modal_projector = hf.model.multi_modal_projector
+    for name in ("linear_1", "linear_2"):  # (its Linear layers in our projector, which reads no instruction)
+        setattr(model.multi_modal_projector, name, getattr(hf.model.multi_modal_projector, name))
     return model
 
 

@@ -151,7 +151,7 @@ LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligenc
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
                         "that the user provides, and assist the user with a variety of tasks using natural language.")
-TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "chat_template", "llava_v0")
+TEMPLATES = ("plain", "vicuna_v1", "llava_v1", "llama_2", "chat_template", "llava_v0", "instructblip")
 # LLaVA v0 (the first paper's models) ends a reply with its separator "###", no EOS: generation stops at this text.
 V0_SEPARATOR = "###"
 # The first paper's --mm_use_im_start_end: each image wrapped in two tokens added to the tokenizer (the model side
@@ -191,6 +191,19 @@ def render(template, messages, tokenizer, add_generation_prompt=False):
         for m in messages:
             text += f"{V0_SEPARATOR} {'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n"
         return text + (f"{V0_SEPARATOR} Assistant:" if add_generation_prompt else f"{V0_SEPARATOR} ")
+    if template == "instructblip":
+        # InstructBLIP's Vicuna models (salesforce/LAVIS blip2_vicuna_instruct.py): no chat template. The image
+        # comes first, then the tokenizer's BOS (ChatFormat puts it after the image; InstructBLIP's tokenizer says
+        # "</s>"), the instruction as it is, and the reply straight after it ("▁word": LAVIS tokenizes the reply on
+        # its own, with SentencePiece's leading "▁"), ended by EOS. InstructBLIP has one turn; later ones follow on.
+        text = ""
+        for i, m in enumerate(messages):
+            if m["role"] == "user":
+                body = m["content"].replace(IMAGE_TOKEN, "").strip()
+                text += (IMAGE_TOKEN * m["content"].count(IMAGE_TOKEN) if i == 0 else " ") + body
+            else:
+                text += f" {m['content']}{tokenizer.eos_token}"
+        return text
     if template == "chat_template":
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
@@ -230,9 +243,12 @@ class ChatFormat:
     the same code, so training and inference cannot drift: the prompt for a history is a prefix of the training ids.
     im_start_end: wrap each image in <im_start> ... <im_end> (the first paper's mm_use_im_start_end); None: exactly
     when the tokenizer has both tokens, which only a model trained with them adds (LLaVA-1.5's do not).
+    instruction_tokenizer: the projector's own tokenizer when it reads the instruction (InstructBLIP's Q-Former: a
+    BERT tokenizer); `instructions` then gives each image's instruction in it, at most instruction_length tokens.
     """
 
-    def __init__(self, tokenizer, template, image_tokens, im_start_end=None):
+    def __init__(self, tokenizer, template, image_tokens, im_start_end=None, instruction_tokenizer=None,
+                 instruction_length=128):
         if template not in TEMPLATES:
             raise UserError(f"--template: unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
         if template == "chat_template" and not getattr(tokenizer, "chat_template", None):
@@ -251,7 +267,11 @@ class ChatFormat:
                             "add both to it (and rows to the LLM's embeddings), or train without them")
         self.im_start_end = has_im_tokens if im_start_end is None else im_start_end
         # LLaVA's own templates rely on the tokenizer's BOS (one, at the very front); chat templates write their own.
+        # InstructBLIP's goes after the image (transformers' InstructBlipProcessor: "BLIP expects image tokens to be
+        # at the beginning even before BOS").
         self.prefix = [] if template == "chat_template" else special_prefix(tokenizer)
+        self.prefix_after_images = template == "instructblip"
+        self.instruction_tokenizer, self.instruction_length = instruction_tokenizer, instruction_length
         # Control tokens come from the template only (render writes them); data that spells one is rejected (check_text)
         self.control_ids = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
                                                              if t.special}
@@ -265,6 +285,8 @@ class ChatFormat:
         `cuts` are character positions no token may cross: the text between two cuts is tokenized on its own, as the
         text between two images is (history_ids says when a reply's edge needs one)."""
         ids, offsets = list(self.prefix), [(0, 0)] * len(self.prefix)
+        if self.prefix_after_images:
+            ids, offsets = [], []
         bounds = [0, *cuts, len(text)]
         for begin, end in zip(bounds, bounds[1:]):
             start = begin
@@ -276,6 +298,10 @@ class ChatFormat:
                 ids += enc["input_ids"]
                 offsets += [(start + a, start + b) for a, b in enc["offset_mapping"]]
                 start += len(chunk) + len(IMAGE_TOKEN)
+        if self.prefix_after_images:
+            k = next((i for i, t in enumerate(ids) if t != IMAGE_TOKEN_INDEX), len(ids))
+            at = offsets[k - 1][1] if k else 0
+            ids[k:k], offsets[k:k] = list(self.prefix), [(at, at)] * len(self.prefix)
         return ids, offsets
 
     def history_ids(self, text, spans, where):
@@ -349,6 +375,26 @@ class ChatFormat:
             return messages
         wrapped = IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN
         return [{**m, "content": m["content"].replace(IMAGE_TOKEN, wrapped)} for m in messages]
+
+    def instructions(self, messages):
+        """Each image's instruction in the projector's own tokenizer, images in order: the text of the user turn that
+        holds the image, `<image>` left out; [] without an instruction tokenizer. `[CLS] text [SEP]`, and a text too
+        long loses its start (LAVIS truncates the Q-Former's text from the left, at 128 tokens). Text that spells a
+        special token ("[SEP]") is read as characters.
+
+        InstructBLIP reads one instruction per image: its data has one turn. For LLaVA's multi-turn conversations the
+        turn holding the image is its first question, as LAVIS's own LLaVA-Instruct loader (X-InstructBLIP's
+        llava150k_dataset.py) takes it; the image is then read once for the whole conversation, in training and in a
+        chat alike. InstructBLIP's code for its multi-turn data was never released (salesforce/LAVIS#327)."""
+        if self.instruction_tokenizer is None:
+            return []
+        texts = [m["content"].replace(IMAGE_TOKEN, "").strip() for m in messages if m["role"] == "user"
+                 for _ in range(m["content"].count(IMAGE_TOKEN))]
+        if not texts:
+            return []
+        tok = self.instruction_tokenizer
+        tok.truncation_side = "left"
+        return tok(texts, truncation=True, max_length=self.instruction_length, split_special_tokens=True).input_ids
 
     def prompt(self, messages, where="the prompt"):
         """Input ids for generating the next assistant reply after `messages` (which end with a user turn)."""
@@ -805,7 +851,8 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         images = [process_image(load_image(f, here), self.image_processor, self.aspect_ratio, f"{here}: image {f}")
                   for f in files]
         return {"id": sample.get("id"), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "pixel_values": torch.stack(images) if images else None}
+                "pixel_values": torch.stack(images) if images else None,
+                "instructions": self.fmt.instructions(messages)}
 
     def __getitem__(self, i):
         if not -len(self) <= i < len(self):
@@ -828,8 +875,9 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
 
 def collate(samples, pad_id):
     """Right-padded batch: input_ids (pad_id), labels (IGNORE_INDEX), attention_mask, and the images of all samples
-    concatenated in order (None when the batch has none). `skipped`: the dataset indices of the bad samples passed
-    over to reach the batch's samples (LazySupervisedDataset.__getitem__)."""
+    concatenated in order (None when the batch has none), with each image's instruction for a projector that reads it
+    (pad_instructions). `skipped`: the dataset indices of the bad samples passed over to reach the batch's samples
+    (LazySupervisedDataset.__getitem__)."""
     n = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)
@@ -840,7 +888,20 @@ def collate(samples, pad_id):
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "pixel_values": torch.cat(images) if images else None,
+            **pad_instructions([i for s in samples for i in s.get("instructions", [])]),
             "skipped": [i for s in samples for i in s.get("skipped", [])]}
+
+
+def pad_instructions(instructions):
+    """Each image's instruction ids (ChatFormat.instructions) as the model takes them: instruction_ids right-padded
+    with 0 (BERT's [PAD]) and instruction_mask, (images, longest); both None when there are none."""
+    if not instructions:
+        return {"instruction_ids": None, "instruction_mask": None}
+    ids = torch.zeros((len(instructions), max(len(i) for i in instructions)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, i in enumerate(instructions):
+        ids[row, :len(i)], mask[row, :len(i)] = torch.tensor(i, dtype=torch.long), 1
+    return {"instruction_ids": ids, "instruction_mask": mask}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

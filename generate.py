@@ -26,8 +26,9 @@ from huggingface_hub.errors import HFValidationError
 from transformers import DynamicCache, StaticCache
 
 import checkpoints
-from data import IMAGE_TOKEN, V0_SEPARATOR, ChatFormat, UserError, load_image, load_tokenizer_and_processor, \
+from data import IMAGE_TOKEN, V0_SEPARATOR, UserError, load_image, load_tokenizer_and_processor, pad_instructions, \
     process_image
+from model import load_instruction_tokenizer, resolve
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -39,8 +40,8 @@ def load(path, dtype=None, device="cpu"):
     the checkpoint's own when it has them, else those of the backbones its config names."""
     model = checkpoints.load(path, dtype=dtype).to(device).eval()
     tokenizer, processor = load_tokenizer_and_processor(path, model.config)
-    return model, ChatFormat(tokenizer, model.config.template, model.num_image_tokens,
-                             im_start_end=model.config.mm_use_im_start_end), processor
+    local = path if os.path.isdir(path) else resolve(path, weights=False)
+    return model, model.chat_format(tokenizer, load_instruction_tokenizer(model.config, local)), processor
 
 
 def prepare_images(paths, processor, aspect_ratio):
@@ -76,15 +77,17 @@ def next_tokens(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 @torch.no_grad()
 def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=0.0, top_k=None, top_p=None,
-             seed=None, eos_ids=(), pad_id=0, stop_strings=(), tokenizer=None, on_token=None, decoder=None):
+             seed=None, eos_ids=(), pad_id=0, stop_strings=(), tokenizer=None, on_token=None, decoder=None,
+             instructions=()):
     """New token ids for each prompt (lists of input ids with IMAGE_TOKEN_INDEX placeholders), EOS excluded.
 
-    pixel_values holds the images of all prompts, in order. A sequence ends at an id in eos_ids, or when its decoded
+    pixel_values holds the images of all prompts, in order; instructions, each image's instruction ids for a
+    projector that reads them (ChatFormat.instructions; the qformer's). A sequence ends at an id in eos_ids, or when its decoded
     text contains a stop string (then the ids up to it are kept; needs `tokenizer`). on_token(i, token_id) is called
     for every new token of sequence i (streaming). decoder: Decoder(model) unless given, e.g. a StaticDecoder(model)
     (--compile) built once for many calls.
     """
-    device = model.multi_modal_projector.linear_1.weight.device
+    device = next(model.multi_modal_projector.parameters()).device
     batch, width = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("an empty prompt")
@@ -105,7 +108,8 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
     eos_ids = set(eos_ids)
     decoder = Decoder(model) if decoder is None else decoder
 
-    logits = decoder.prefill(model.embed(ids, pixel_values), mask, width + max_new_tokens)
+    image_inputs = {k: v if v is None else v.to(device) for k, v in pad_instructions(list(instructions)).items()}
+    logits = decoder.prefill(model.embed(ids, pixel_values, **image_inputs), mask, width + max_new_tokens)
     new, finished = [[] for _ in range(batch)], [False] * batch
     for step in range(max_new_tokens):
         token = next_tokens(logits, temperature, top_k, top_p, generator)
@@ -233,7 +237,8 @@ def answer(model, fmt, conversations, pixel_values=None, **kwargs):
     config_eos = getattr(model.language_model.generation_config, "eos_token_id", None)
     eos = {tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])} - {None}
     kwargs = {"eos_ids": eos, "pad_id": fmt.pad_id, "stop_strings": stop_strings_for(fmt.template),
-              "tokenizer": tokenizer, **kwargs}
+              "tokenizer": tokenizer, "instructions": [i for c in conversations for i in fmt.instructions(c)],
+              **kwargs}
     outputs = generate(model, prompts, pixel_values, **kwargs)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
 

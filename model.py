@@ -8,9 +8,13 @@ The wiring follows LLaVA-1.5 (docs/llava.md section 1; haotian-liu/LLaVA `llava/
 1. The vision tower (any transformers vision model with hidden states: CLIP, SigLIP, ...) encodes each image; the
    features are hidden_states[vision_feature_layer] (-2: the penultimate layer, without CLIP's post-layernorm), and
    `patch` drops the CLS token. CLIP-L/14-336 gives 24 x 24 = 576 features of width 1024 per image.
-2. The projector maps them to the LLM's width: `linear`, or `mlp2x_gelu` = Linear, GELU (erf), Linear.
-3. data.py has already written N = num_image_tokens placeholders (IMAGE_TOKEN_INDEX) per image into input_ids; the
-   projected features are written into those positions of the token embeddings, images in order.
+2. The projector maps them to the LLM's width: `linear`, or `mlp2x_gelu` = Linear, GELU (erf), Linear, one token
+   per feature; or InstructBLIP's `qformer` (qformer.py), 32 tokens read from all features by queries that also read
+   the instruction (each image's, in the Q-Former's own tokenizer: data.py builds instruction_ids / instruction_mask,
+   which the other projectors ignore).
+3. data.py has already written N = num_image_tokens placeholders (IMAGE_TOKEN_INDEX) per image into input_ids (it
+   asks the model for N); the projected features are written into those positions of the token embeddings, images
+   in order.
 4. The LLM runs on the result. Training gets the summed cross-entropy over the supervised tokens (supervised_targets);
    the loop divides it by their count over the whole global batch.
 
@@ -23,14 +27,16 @@ import os
 import re
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES, UserError
+from data import IGNORE_INDEX, IM_END_TOKEN, IM_START_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES, ChatFormat, UserError, \
+    load_tokenizer
+from qformer import QFormerConfig, QFormerProjector
 
 # Loading a hub repo that ships only .bin weights (Vicuna v1.5, LLaVA-1.5) makes transformers start a background
 # thread that asks the hub to convert it and downloads the safetensors copy: another 13-26 GB, while the other ranks
@@ -42,7 +48,7 @@ os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
 class LlavaConfig:
     vision_tower: str = "openai/clip-vit-large-patch14-336"  # hub id or local dir of a transformers vision model
     llm: str = "lmsys/vicuna-7b-v1.5"  # hub id or local dir of a transformers causal LM (and its tokenizer)
-    projector_type: str = "mlp2x_gelu"  # "linear" or "mlp{N}x_gelu" (LLaVA's regex ^mlp(\d+)x_gelu$)
+    projector_type: str = "mlp2x_gelu"  # "linear", "mlp{N}x_gelu" (LLaVA's regex ^mlp(\d+)x_gelu$) or "qformer"
     vision_feature_layer: int = -2  # index into the tower's hidden_states
     vision_feature_select: str = "patch"  # "patch" drops the CLS token, "cls_patch" keeps it
     # How the model talks and sees, saved with it so that inference uses what training used (data.py):
@@ -52,6 +58,10 @@ class LlavaConfig:
     # The first paper's mm_use_im_start_end: each image between <im_start> and <im_end>, two tokens added to the
     # tokenizer whose embedding rows stage 1 trains (add_im_start_end).
     mm_use_im_start_end: bool = False
+    # projector_type "qformer": its sizes (qformer.QFormerConfig's fields; those not given take InstructBLIP's) and
+    # its tokenizer (a BERT tokenizer's hub id or directory, e.g. bert-base-uncased; a saved model has its own copy).
+    qformer: dict = field(default_factory=dict)
+    qformer_tokenizer: str = ""
 
     def __post_init__(self):
         """The one check of a model's settings, wherever they come from (flags, a checkpoint's config.json, code): a
@@ -60,14 +70,21 @@ class LlavaConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) != (f.type is bool) or not isinstance(value, f.type):
-                kind = {int: "an integer", bool: "true or false"}.get(f.type, "a string")
-                raise UserError(f"{f.name} {value!r}: not {kind}; use e.g. {f.default!r}")
+                kind = {int: "an integer", bool: "true or false", dict: "an object"}.get(f.type, "a string")
+                example = f.default_factory() if f.default is MISSING else f.default
+                raise UserError(f"{f.name} {value!r}: not {kind}; use e.g. {example!r}")
         choices = {"vision_feature_select": ("patch", "cls_patch"), "template": TEMPLATES,
                    "image_aspect_ratio": ("pad", "crop")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} {getattr(self, name)!r}: not one of {', '.join(allowed)}")
-        projector_depth(self.projector_type)
+        if self.projector_type == "qformer":
+            QFormerConfig.from_dict(self.qformer)
+            if not self.qformer_tokenizer:
+                raise UserError("qformer_tokenizer: the qformer projector reads the instruction with a tokenizer of "
+                                "its own; give a BERT tokenizer's hub id or directory (bert-base-uncased)")
+        else:
+            projector_depth(self.projector_type)
         if self.max_length < 1:
             raise UserError(f"max_length {self.max_length}: must be at least 1")
         if not (self.vision_tower and self.llm):
@@ -89,21 +106,35 @@ class Projector(nn.Module):
         for i in range(2, depth + 1):
             self.add_module(f"linear_{i}", nn.Linear(text_hidden, text_hidden))
 
-    def forward(self, x):
+
+    def num_tokens(self, num_features):
+        """Positions an image takes in the LLM's input: one per feature."""
+        return num_features
+
+    def forward(self, features, instruction_ids=None, instruction_mask=None):
+        """(images, T, vision width) -> (images, T, LLM width); LLaVA's projector does not read the instruction."""
         layers = list(self.children())
-        x = layers[0](x)
+        x = layers[0](features)
         for layer in layers[1:]:
             x = layer(F.gelu(x))  # nn.GELU's default: the exact erf form, as in LLaVA
         return x
 
 
 def projector_depth(projector_type):
-    """The number of Linear layers of a projector type: 1 for linear, N for mlpNx_gelu."""
+    """The number of Linear layers of a LLaVA projector type: 1 for linear, N for mlpNx_gelu."""
     mlp = re.fullmatch(r"mlp(\d+)x_gelu", projector_type) if isinstance(projector_type, str) else None
     if projector_type != "linear" and not (mlp and 1 <= int(mlp.group(1)) <= 64):
-        raise UserError(f"unknown projector type {projector_type!r}; use 'linear' or 'mlp2x_gelu' (mlpNx_gelu, N "
-                        "from 1 to 64)")
+        raise UserError(f"unknown projector type {projector_type!r}; use 'linear', 'mlp2x_gelu' (mlpNx_gelu, N from "
+                        "1 to 64) or 'qformer'")
     return int(mlp.group(1)) if mlp else 1
+
+
+def build_projector(config, vision_hidden, text_hidden):
+    """The projector a config names: LLaVA's (Projector) or InstructBLIP's Q-Former (qformer.QFormerProjector). Both
+    take (features, instruction_ids, instruction_mask) and say how many tokens an image becomes (num_tokens)."""
+    if config.projector_type == "qformer":
+        return QFormerProjector(QFormerConfig.from_dict(config.qformer), vision_hidden, text_hidden)
+    return Projector(config.projector_type, vision_hidden, text_hidden)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -115,8 +146,8 @@ class LlavaModel(nn.Module):
         super().__init__()
         self.config = config
         self.vision_tower = vision_tower
-        self.multi_modal_projector = Projector(config.projector_type, vision_tower.config.hidden_size,
-                                               language_model.config.hidden_size)
+        self.multi_modal_projector = build_projector(config, vision_tower.config.hidden_size,
+                                                     language_model.config.hidden_size)
         self.language_model = language_model
         # Token ids whose input embeddings train while the rest stay fixed (stage 1 with mm_use_im_start_end); None:
         # every row the embedding's requires_grad allows.
@@ -132,15 +163,22 @@ class LlavaModel(nn.Module):
             raise UserError(f"{config.vision_tower} has no CLS token; use vision_feature_select='patch'")
 
     @property
-    def num_image_tokens(self):
-        """Placeholders per image in input_ids = features the projector emits per image (576 for CLIP-L/14-336)."""
+    def num_features(self):
+        """Features the tower gives per image: its patches (576 for CLIP-L/14-336), with CLS for cls_patch."""
         c = self.vision_tower.config
         return (c.image_size // c.patch_size) ** 2 + (self.config.vision_feature_select == "cls_patch")
 
+    @property
+    def num_image_tokens(self):
+        """Placeholders per image in input_ids = the tokens the projector makes of an image's features (576 for
+        LLaVA-1.5's mlp2x_gelu, 32 for the qformer)."""
+        return self.multi_modal_projector.num_tokens(self.num_features)
+
     # --- forward ---
 
-    def image_features(self, pixel_values):
-        """(images, 3, H, W) -> (images, num_image_tokens, LLM width)."""
+    def image_features(self, pixel_values, instruction_ids=None, instruction_mask=None):
+        """(images, 3, H, W) -> (images, num_image_tokens, LLM width). instruction_ids / instruction_mask (images, L):
+        each image's instruction for a projector that reads it (data.ChatFormat.instructions builds them)."""
         frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             dtype = next(self.vision_tower.parameters()).dtype
@@ -148,10 +186,11 @@ class LlavaModel(nn.Module):
         features = hidden[self.config.vision_feature_layer]
         if self.has_cls and self.config.vision_feature_select == "patch":
             features = features[:, 1:]
-        assert features.shape[1] == self.num_image_tokens, (features.shape, self.num_image_tokens)
-        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+        assert features.shape[1] == self.num_features, (features.shape, self.num_features)
+        projector_dtype = next(self.multi_modal_projector.parameters()).dtype
+        return self.multi_modal_projector(features.to(projector_dtype), instruction_ids, instruction_mask)
 
-    def embed(self, input_ids, pixel_values=None):
+    def embed(self, input_ids, pixel_values=None, instruction_ids=None, instruction_mask=None):
         """Token embeddings with the projected image features written into the IMAGE_TOKEN_INDEX positions."""
         is_image = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))
@@ -164,7 +203,7 @@ class LlavaModel(nn.Module):
                              f"{self.num_image_tokens} tokens were given; build inputs with data.ChatFormat")
         if n_images == 0:
             return self.keep_projector_in_graph(embeds)
-        features = self.image_features(pixel_values).to(embeds.dtype)
+        features = self.image_features(pixel_values, instruction_ids, instruction_mask).to(embeds.dtype)
         return embeds.masked_scatter(is_image.unsqueeze(-1), features)
 
     def keep_projector_in_graph(self, embeds):
@@ -176,17 +215,20 @@ class LlavaModel(nn.Module):
         weight = next(projector.parameters())
         if not (torch.is_grad_enabled() and weight.requires_grad):
             return embeds
-        nothing = projector(weight.new_zeros(0, self.vision_tower.config.hidden_size))
-        return torch.cat([embeds.flatten(0, 1), nothing.to(embeds.dtype)]).view_as(embeds)
+        no_ids = torch.zeros((0, 1), dtype=torch.long, device=weight.device)  # an empty instruction (the qformer's
+        nothing = projector(weight.new_zeros(0, 1, self.vision_tower.config.hidden_size), no_ids, no_ids)  # text side)
+        return torch.cat([embeds.flatten(0, 1), nothing.flatten(0, 1).to(embeds.dtype)]).view_as(embeds)
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, instruction_ids=None,
+                instruction_mask=None):
         """Logits (B, T, V) without labels; with labels, the cross-entropy summed over the supervised tokens.
+        instruction_ids / instruction_mask: each image's instruction, for a projector that reads it (the qformer).
 
         Training passes attention_mask=None: its batches are right-padded, so causal attention alone keeps padding out
         of every real token's view, and the padding's losses are masked. Without a mask, SDPA can take its causal
         flash kernel; a padding mask would send it to a slower kernel that materialises the mask.
         """
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, instruction_ids, instruction_mask)
         hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                                 use_cache=False).last_hidden_state
         head = self.language_model.get_output_embeddings()
@@ -195,6 +237,20 @@ class LlavaModel(nn.Module):
         targets = supervised_targets(input_ids, labels)
         supervised = targets != IGNORE_INDEX
         return chunked_cross_entropy(hidden[:, :-1][supervised], targets[supervised], head)
+
+    def chat_format(self, tokenizer, instruction_tokenizer=None):
+        """The ChatFormat that builds this model's inputs: its template, as many placeholders per image as the
+        projector makes tokens, <im_start>/<im_end> as configured, and each image's instruction in the projector's
+        own tokenizer when it reads one (load_instruction_tokenizer)."""
+        projector = self.multi_modal_projector
+        if instruction_tokenizer is not None and len(instruction_tokenizer) > projector.config.vocab_size:
+            raise UserError(f"qformer_tokenizer {self.config.qformer_tokenizer}: {len(instruction_tokenizer)} tokens, "
+                            f"more than the Q-Former's vocab_size {projector.config.vocab_size}; give the tokenizer "
+                            "the Q-Former was built for, or a larger vocab_size")
+        length = projector.config.max_text_length if instruction_tokenizer is not None else 128
+        return ChatFormat(tokenizer, self.config.template, self.num_image_tokens,
+                          im_start_end=self.config.mm_use_im_start_end, instruction_tokenizer=instruction_tokenizer,
+                          instruction_length=length)
 
     # --- building ---
 
@@ -228,6 +284,23 @@ class LlavaModel(nn.Module):
             grow_vocab(language_model, added_token_ids or ())
             model = cls(config, load_vision_tower(config.vision_tower, dtype), language_model)
         return model if dtype == "auto" else model.to(dtype)
+
+
+QFORMER_TOKENIZER = "qformer_tokenizer"  # a saved model's copy of it, in a folder of that name (as transformers'
+                                        # InstructBLIP repos keep it)
+
+
+def load_instruction_tokenizer(config, checkpoint=None):
+    """The projector's own tokenizer for a projector that reads the instruction (the qformer's BERT tokenizer), else
+    None: a saved model's copy (checkpoint/qformer_tokenizer) when it has one, else config.qformer_tokenizer."""
+    if config.projector_type != "qformer":
+        return None
+    own = os.path.join(checkpoint, QFORMER_TOKENIZER) if checkpoint else None
+    path = own if own and os.path.isdir(own) else resolve(config.qformer_tokenizer, weights=False)
+    try:
+        return load_tokenizer(path)
+    except UserError as e:
+        raise UserError(f"qformer_tokenizer {e}") from None
 
 
 def add_im_start_end(tokenizer):

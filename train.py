@@ -53,13 +53,20 @@ from torch.utils.checkpoint import checkpoint
 
 import checkpoints
 import lora
-from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, ChatFormat, DataError, LazySupervisedDataset,
+from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, DataError, LazySupervisedDataset,
                   ModalityLengthGroupedSampler, UserError, collate, load_image_processor, load_tokenizer)
-from model import LlavaConfig, LlavaModel, add_im_start_end, load_vision_tower, supervised_targets
+from model import QFORMER_TOKENIZER, LlavaConfig, LlavaModel, add_im_start_end, load_instruction_tokenizer, \
+    load_vision_tower, supervised_targets
 
 
 def arg(help, default=MISSING):
+    if isinstance(default, dict):  # (a mutable default: each config gets its own copy)
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+def default_of(f):
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
 
 
 @dataclass(kw_only=True)
@@ -70,7 +77,10 @@ class TrainConfig:
     # the model
     vision_tower: str = arg("vision tower: hub id or local dir", "openai/clip-vit-large-patch14-336")
     llm: str = arg("LLM (and its tokenizer): hub id or local dir", "lmsys/vicuna-7b-v1.5")
-    projector_type: str = arg("linear or mlpNx_gelu", "mlp2x_gelu")
+    projector_type: str = arg("linear, mlpNx_gelu (LLaVA's) or qformer (InstructBLIP's)", "mlp2x_gelu")
+    qformer: dict = arg("the qformer projector's sizes as JSON (qformer.QFormerConfig's fields; InstructBLIP's "
+                        "where not given), e.g. '{\"num_hidden_layers\": 4}'", {})
+    qformer_tokenizer: str = arg("the qformer's own tokenizer: a BERT tokenizer's hub id or local dir", "")
     vision_feature_layer: int = arg("hidden state of the tower the features come from", -2)
     vision_feature_select: str = arg("patch (drop CLS) or cls_patch", "patch")
     init_from: str = arg("what to start from: a stage-1 output dir or LLaVA's mm_projector.bin (the file, its "
@@ -131,7 +141,8 @@ def flag(name):
 # What a setting may hold, beyond its type. Flags, presets and a TrainConfig built in code all pass through
 # check_settings, so a bad value is named by its flag before anything is loaded.
 RULES = {
-    "projector_type": (lambda v: re.fullmatch(r"linear|mlp[1-9]\d*x_gelu", v), "'linear' or 'mlpNx_gelu' (mlp2x_gelu)"),
+    "projector_type": (lambda v: re.fullmatch(r"linear|mlp[1-9]\d*x_gelu|qformer", v),
+                       "'linear', 'mlpNx_gelu' (mlp2x_gelu) or 'qformer'"),
     "vision_feature_select": (lambda v: v in ("patch", "cls_patch"), "'patch' or 'cls_patch'"),
     "template": (lambda v: v in TEMPLATES, " or ".join(map(repr, TEMPLATES))),
     "image_aspect_ratio": (lambda v: v in ("pad", "crop"), "'pad' or 'crop'"),
@@ -180,6 +191,11 @@ def check_settings(cfg):
     if cfg.mm_use_im_start_end and cfg.lora_r:
         raise UserError("--mm-use-im-start-end with --lora-r: a LoRA output holds the adapters and the projector, not "
                         "the two new embedding rows its base LLM lacks; fine-tune fully (--lora-r 0)")
+    try:  # the model's own checks (the qformer's sizes and tokenizer)
+        cfg.model_config()
+    except UserError as e:
+        name = re.match(r"\w*", str(e)).group()  # (its messages start with the field's name)
+        raise UserError(flag(name) + str(e)[len(name):] if name in {f.name for f in fields(cfg)} else str(e)) from None
     if cfg.lora_r and not cfg.train_llm:
         raise UserError(f"--lora-r {cfg.lora_r}: LoRA adapts the LLM, which this stage keeps frozen (--no-train-llm); "
                         "use it with finetune.py (--train-llm), or pass --lora-r 0")
@@ -193,12 +209,13 @@ def parse_config(argv, stage_defaults, presets, description, check_files=False):
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(presets), help="named settings; flags given here override them")
     for f in fields(TrainConfig):
-        default = stage_defaults.get(f.name, f.default)
+        default = stage_defaults.get(f.name, default_of(f))
         default = "no default" if default is MISSING else default
         if f.type is bool:
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=f"{f.metadata['help']} ({default})")
         else:
-            p.add_argument(flag(f.name), type=f.type, help=f"{f.metadata['help']} ({default!r})")
+            p.add_argument(flag(f.name), type=json_object if f.type is dict else f.type,
+                           help=f"{f.metadata['help']} ({default!r})")
     given = vars(p.parse_args(argv))
     preset = dict(presets[given["preset"]]) if "preset" in given else {}
     needs = preset.pop("needs", None)  # what a preset's paths need, said when one is missing (check_paths)
@@ -206,7 +223,7 @@ def parse_config(argv, stage_defaults, presets, description, check_files=False):
     if unknown:
         raise UserError(f"--preset {given['preset']} sets unknown settings {unknown}; fix the preset")
     settings = {**stage_defaults, **preset, **{k: v for k, v in given.items() if k != "preset"}}
-    unset = [flag(f.name) for f in fields(TrainConfig) if f.default is MISSING and f.name not in settings]
+    unset = [flag(f.name) for f in fields(TrainConfig) if default_of(f) is MISSING and f.name not in settings]
     if unset:
         raise UserError(f"no value for {', '.join(unset)}: a stage gives them (pretrain.py's STAGE_1, finetune.py's "
                         "STAGE_2), or pass them as flags")
@@ -214,6 +231,17 @@ def parse_config(argv, stage_defaults, presets, description, check_files=False):
     if check_files:
         check_paths(cfg, set(preset), f"--preset {given.get('preset')}" + (f", which needs {needs}" if needs else ""))
     return cfg
+
+
+def json_object(text):
+    """A flag's JSON object (--qformer '{"num_hidden_layers": 4}')."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object ({...})")
+    return value
 
 
 def check_paths(cfg, from_preset=(), preset_note=""):
@@ -229,7 +257,7 @@ def check_paths(cfg, from_preset=(), preset_note=""):
                       "is a directory; pass the .json or .jsonl data file")
     if cfg.image_folder and not os.path.isdir(cfg.image_folder):
         raise missing("image_folder", "no such directory")
-    for name in ("vision_tower", "llm") + (() if cfg.resume else ("init_from",)):  # (a resumed run starts from its
+    for name in ("vision_tower", "llm", "qformer_tokenizer") + (() if cfg.resume else ("init_from",)):  # (a resumed run starts from its
         value = getattr(cfg, name)                                                # checkpoint)
         local = value.startswith((".", "/", "~")) or value.count("/") != 1
         if value and local and not os.path.exists(value):
@@ -260,13 +288,14 @@ def fit(cfg, device):
     torch.manual_seed(cfg.seed)
 
     tokenizer = named(load_tokenizer, "llm", cfg.llm)  # first: a tokenizer that cannot load fails in seconds
+    tokenizers = (tokenizer, load_instruction_tokenizer(cfg.model_config()))  # the qformer's too; None for the others
     image_processor = named(load_image_processor, "vision_tower", cfg.vision_tower)
     im_ids, added = add_im_start_end(tokenizer) if cfg.mm_use_im_start_end else ((), False)  # (saved with the model)
     # A resumed run takes its trainable weights from the checkpoint; LoRA's frozen base may come from --init-from.
     model = build_model(replace(cfg, init_from="") if resume_from and not cfg.lora_r else cfg, device, im_ids, added)
     torch.manual_seed(cfg.seed + rank)  # from here each rank draws its own random numbers (dropout masks): the weights
                                         # were initialised on rank 0 and broadcast
-    fmt = ChatFormat(tokenizer, cfg.template, model.num_image_tokens, im_start_end=cfg.mm_use_im_start_end)
+    fmt = model.chat_format(*tokenizers)
     dataset = LazySupervisedDataset(cfg.data_path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
                                     cfg.max_length, cfg.skip_bad_samples)
     data_sha256 = file_sha256(cfg.data_path) if rank == 0 else None
@@ -303,12 +332,12 @@ def fit(cfg, device):
         step += 1
         log.write({"step": step, "epoch": round(step / steps_per_epoch, 4), **record})
         if step % cfg.save_every == 0 or step == total:
-            save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor, data_sha256)
+            save_checkpoint(model, optimizer, step, cfg, tokenizers, image_processor, data_sha256)
     if rank == 0:
         prune_checkpoints(cfg.output_dir, cfg.keep_last, good_up_to=step)
     log.close()
     report_skipped(dataset, skipped, device)
-    export_model(model, cfg.output_dir, tokenizer, image_processor, cfg, final=True)
+    export_model(model, cfg.output_dir, tokenizers, image_processor, cfg, final=True)
     dist.barrier()
     return model
 
@@ -417,7 +446,8 @@ def forward_backward(model, micro, n_supervised, trainable, grad_clip, device):
     for b in micro:
         pixel_values = b["pixel_values"].to(device, non_blocking=True) if b["pixel_values"] is not None else None
         # no attention mask: right padding needs none, and SDPA keeps its causal flash kernel (model.forward)
-        ce = model(b["input_ids"].to(device), None, pixel_values, b["labels"].to(device))
+        instruction = {k: b[k].to(device) for k in ("instruction_ids", "instruction_mask") if b.get(k) is not None}
+        ce = model(b["input_ids"].to(device), None, pixel_values, b["labels"].to(device), **instruction)
         (ce * world / n_supervised).backward()
         loss_sum += ce.detach()
     dist.all_reduce(loss_sum)
@@ -721,8 +751,9 @@ def lora_base(cfg):
     return cfg.init_from if cfg.lora_r and cfg.init_from and checkpoints.holds_llm(cfg.init_from) else None
 
 
-def export_model(model, path, tokenizer, image_processor, cfg, final=False):
-    """The trained weights, gathered to rank 0, as a directory checkpoints.load (and generate.py) loads.
+def export_model(model, path, tokenizers, image_processor, cfg, final=False):
+    """The trained weights, gathered to rank 0, as a directory checkpoints.load (and generate.py) loads, with the
+    tokenizers (the LLM's, and the qformer's in model.QFORMER_TOKENIZER when there is one) and image processor.
 
     Frozen modules are not written: checkpoints.load takes them from the config's paths, as LLaVA does. With LoRA,
     the adapters go to PEFT's files next to the projector (checkpoints.save_adapter); their base is referenced. The
@@ -747,12 +778,17 @@ def export_model(model, path, tokenizer, image_processor, cfg, final=False):
             targets = {name.rsplit(".", 1)[-1] for name, _ in lora.adapted(llm)}
             checkpoints.save_adapter(out, adapters, lora.peft_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                                      targets, lora_base(cfg) or cfg.llm))
+        tokenizer, instruction_tokenizer = tokenizers
         tokenizer.save_pretrained(out)
+        if instruction_tokenizer is not None:
+            instruction_tokenizer.save_pretrained(os.path.join(out, QFORMER_TOKENIZER))
         if image_processor is not None:
             image_processor.save_pretrained(out)
         sync_tree(out)
         if final:
             for name in sorted(os.listdir(out), key=lambda n: n == "config.json"):
+                if os.path.isdir(os.path.join(path, name)):  # (a resumed run's earlier export: a folder is replaced
+                    shutil.rmtree(os.path.join(path, name))  # whole, not file by file)
                 os.replace(os.path.join(out, name), os.path.join(path, name))
             os.rmdir(out)
             sync_tree(path, files=False)
@@ -778,7 +814,7 @@ def resumable_state(model, optimizer):
             "optim": get_optimizer_state_dict(model, optimizer)}
 
 
-def save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor, data_sha256=None):
+def save_checkpoint(model, optimizer, step, cfg, tokenizers, image_processor, data_sha256=None):
     """output_dir/checkpoint-NNNNNN, written as .tmp-checkpoint-NNNNNN, synced to disk and renamed when complete.
     trainer_state.json records the settings and the data file's sha256, which a resume checks (check_resume)."""
     name = f"checkpoint-{step:06d}"
@@ -788,7 +824,7 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer, image_processor, dat
             if old.startswith(".tmp-checkpoint-"):
                 shutil.rmtree(os.path.join(cfg.output_dir, old))
     dist.barrier()
-    export_model(model, tmp, tokenizer, image_processor, cfg)
+    export_model(model, tmp, tokenizers, image_processor, cfg)
     dcp.save(resumable_state(model, optimizer), checkpoint_id=os.path.join(tmp, "train_state"))
     rng = os.path.join(tmp, "train_state", f"rng-rank{dist.get_rank()}.pt")
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},

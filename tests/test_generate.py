@@ -9,6 +9,7 @@ from hf_reference import HF_IMAGE_ID, VOCAB, reference_and_ours
 from PIL import Image
 
 import checkpoints
+import data
 import generate
 from data import IMAGE_TOKEN_INDEX
 from model import LlavaConfig, LlavaModel
@@ -261,7 +262,7 @@ def test_stage1_checkpoint_answers_with_the_base_llm(checkpoint, capsys, tmp_pat
     out = cli(capsys, "--model", str(tmp_path), "--image", str(checkpoint / "red.png"), "--temperature", "0",
               "--max-new-tokens", "5", "ignored by plain")
     model, fmt, processor = generate.load(str(checkpoint / "model"))  # the same weights, all in one directory
-    fmt = generate.ChatFormat(fmt.tokenizer, "plain", model.num_image_tokens)
+    fmt = data.ChatFormat(fmt.tokenizer, "plain", model.num_image_tokens)
     pixel_values = generate.prepare_images([str(checkpoint / "red.png")], processor, "pad")
     expected = generate.answer(model, fmt, [[{"role": "user", "content": "<image>\nignored by plain"}]], pixel_values,
                                max_new_tokens=5)[0]

@@ -60,6 +60,26 @@ def chatml_tokenizer(vocab_size=400):
     return hf
 
 
+def bert_tokenizer(corpus=CORPUS, extra=()):
+    """BERT-style (the Q-Former's, as bert-base-uncased): WordPiece over lower-cased words, [CLS] ... [SEP], [PAD] 0.
+    The vocabulary holds the corpus's words (and `extra` texts'), and every letter and digit alone and as "##x", so
+    that any text tokenizes without [UNK]."""
+    import re
+    import string
+    import tempfile
+
+    from transformers import BertTokenizerFast
+
+    words = sorted({w for text in [*corpus, *extra] for w in re.findall(r"\w+|[^\w\s]", text.lower())})
+    chars = list(string.ascii_lowercase + string.digits)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(chars + list(string.punctuation) + words)) + \
+        [f"##{c}" for c in chars]
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.txt"), "w") as f:
+            f.write("\n".join(vocab) + "\n")
+        return BertTokenizerFast(os.path.join(tmp, "vocab.txt"), do_lower_case=True)
+
+
 def tiny_clip_vision_config(image_size=16, patch_size=8):
     from transformers import CLIPVisionConfig
 
