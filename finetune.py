@@ -23,8 +23,16 @@ template with <im_start>/<im_end> (their rows from stage 1); `llava-v0-13b-scien
 on QCM-LEA from the same stage 1. `llava-v1-*-lightning` and `llava-v1-*` are LLaVA's v1 scripts (finetune.sh on
 llava_instruct_80k for 1 epoch; the full schedule: 158K for 3), `llava-v1-13b-scienceqa` its finetune_sqa.sh (12
 epochs, batch 128, from liuhaotian/llava-pretrain-vicuna-13b-v1.3's projector); Vicuna v1.3, `vicuna_v1` (`v1`).
+
+InstructBLIP's instruction tuning (`instructblip-vicuna-7b`; arXiv:2305.06500 section 3.3 and Appendix; qformer.py):
+the tower and the LLM frozen, the Q-Former and its projection trained from pretrain.py's preset of the same name, 60K
+steps at batch 128, lr 1e-5 after 1,000 warm-up steps, cosine to 0, AdamW (0.9, 0.999), weight decay 0.05. Its data
+here is LLaVA-1.5's mix in LLaVA's `vicuna_v1` template (InstructBLIP's 26-dataset mix was never released); several
+datasets at once, drawn as InstructBLIP does (--data-path a.json,b.json --dataset-balance sqrt), are the paper's recipe.
+Vicuna v1.5 rather than the paper's v1.1 (released only as a delta), so that it compares with LLaVA-1.5 on one LLM.
 """
 
+import pretrain
 import train
 
 STAGE_2 = dict(train_llm=True, template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, global_batch_size=128,
@@ -78,6 +86,11 @@ PRESETS = {
     "llava-v1-13b-scienceqa": dict(**V1, **SQA, llm="lmsys/vicuna-13b-v1.3", template="vicuna_v1",
                                    init_from="liuhaotian/llava-pretrain-vicuna-13b-v1.3",
                                    output_dir="checkpoints/llava-vicuna-13b-v1.3-scienceqa"),
+    # InstructBLIP's instruction tuning (qformer.py): see the docstring.
+    "instructblip-vicuna-7b": dict(**pretrain.QFORMER, **DATA, train_llm=False, lr=1e-5, weight_decay=0.05,
+                                   max_steps=60_000, warmup_ratio=1000 / 60_000, group_by_modality_length=False,
+                                   init_from="checkpoints/instructblip-vicuna-7b-pretrain",
+                                   output_dir="checkpoints/instructblip-vicuna-7b"),
     # The toy world of tools/toy_world.py: tiny backbones and coloured shapes, minutes on a laptop CPU.
     "toy": dict(vision_tower="runs/toy/world/vision", llm="runs/toy/world/llm",
                 data_path="runs/toy/world/conversations.json", image_folder="runs/toy/world/images",

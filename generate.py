@@ -82,9 +82,9 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
     """New token ids for each prompt (lists of input ids with IMAGE_TOKEN_INDEX placeholders), EOS excluded.
 
     pixel_values holds the images of all prompts, in order; instructions, each image's instruction ids for a
-    projector that reads them (ChatFormat.instructions; the qformer's). A sequence ends at an id in eos_ids, or when its decoded
-    text contains a stop string (then the ids up to it are kept; needs `tokenizer`). on_token(i, token_id) is called
-    for every new token of sequence i (streaming). decoder: Decoder(model) unless given, e.g. a StaticDecoder(model)
+    projector that reads them (ChatFormat.instructions; the qformer's). A sequence ends at an id in eos_ids, or when its
+    decoded text contains a stop string (then the ids up to it are kept; needs `tokenizer`). on_token(i, token_id) is
+    called for every new token of sequence i (streaming). decoder: Decoder(model) unless given, e.g. a StaticDecoder(model)
     (--compile) built once for many calls.
     """
     device = next(model.multi_modal_projector.parameters()).device

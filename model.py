@@ -59,7 +59,7 @@ class LlavaConfig:
     # tokenizer whose embedding rows stage 1 trains (add_im_start_end).
     mm_use_im_start_end: bool = False
     # projector_type "qformer": its sizes (qformer.QFormerConfig's fields; those not given take InstructBLIP's) and
-    # its tokenizer (a BERT tokenizer's hub id or directory, e.g. bert-base-uncased; a saved model has its own copy).
+    # its tokenizer (a BERT tokenizer's hub id or directory, e.g. google-bert/bert-base-uncased; a saved has its own copy).
     qformer: dict = field(default_factory=dict)
     qformer_tokenizer: str = ""
 
@@ -82,7 +82,7 @@ class LlavaConfig:
             QFormerConfig.from_dict(self.qformer)
             if not self.qformer_tokenizer:
                 raise UserError("qformer_tokenizer: the qformer projector reads the instruction with a tokenizer of "
-                                "its own; give a BERT tokenizer's hub id or directory (bert-base-uncased)")
+                                "its own; give a BERT tokenizer's hub id or directory (google-bert/bert-base-uncased)")
         else:
             projector_depth(self.projector_type)
         if self.max_length < 1:

@@ -16,6 +16,13 @@ tokens), a linear projector, lr 2e-3, global batch 128, one epoch. `llava-v0-13b
 two embedding rows train with the projector (--mm-use-im-start-end), on Vicuna-13B v0 (released by lmsys as a delta
 on LLaMA: apply it first; the path is yours). `llava-v1-7b` / `-13b` are LLaVA's v1 script (scripts/pretrain.sh):
 `plain` on the 558K captions, both mm flags off, Vicuna v1.3.
+
+InstructBLIP's Q-Former (`instructblip-vicuna-7b`, qformer.py): BLIP-2's second stage in LLaVA's first, the Q-Former
+and its projection taught to caption into the frozen Vicuna. It starts from BLIP-2's first stage for CLIP-L (LAVIS's
+blip2_pretrained_vitL.pth, --init-from; the projection to the LLM is new), with BLIP-2's optimizer (arXiv:2301.12597,
+section 3.4: peak lr 1e-4, weight decay 0.05, AdamW beta2 0.98) over LLaVA's 558K captions for one epoch at batch 256
+(BLIP-2 trained on 129M images; the authors' own Vicuna run of this stage was never released, salesforce/LAVIS#292).
+finetune.py's preset of the same name is InstructBLIP's instruction tuning.
 """
 
 import train
@@ -36,6 +43,14 @@ CC595K = dict(data_path="playground/data/LLaVA-CC3M-Pretrain-595K/chat.json",
               "playground/data and Vicuna v0 applied to LLaMA in checkpoints/vicuna-13b-v0 (the README's 'The first "
               "paper')")
 
+# InstructBLIP's projector (qformer.py): the tower of BLIP-2's ViT-L Q-Former (CLIP-L/14 at 224 px, its 23rd layer's
+# 257 features, CLS kept), the Q-Former at InstructBLIP's sizes with bert-base-uncased's tokenizer, Vicuna-7B v1.5.
+QFORMER = dict(projector_type="qformer", qformer_tokenizer="google-bert/bert-base-uncased",
+               vision_tower="openai/clip-vit-large-patch14", vision_feature_layer=-2, vision_feature_select="cls_patch",
+               llm="lmsys/vicuna-7b-v1.5")
+QFORMER_NEEDS = ("LLaVA's data in playground/data and BLIP-2's stage-1 Q-Former for CLIP-L (LAVIS's "
+                 "blip2_pretrained_vitL.pth) in checkpoints/: the README's 'InstructBLIP'")
+
 PRESETS = {
     "llava-1.5-7b": dict(**DATA, llm="lmsys/vicuna-7b-v1.5", output_dir="checkpoints/llava-v1.5-7b-pretrain"),
     "llava-1.5-13b": dict(**DATA, llm="lmsys/vicuna-13b-v1.5", output_dir="checkpoints/llava-v1.5-13b-pretrain"),
@@ -43,6 +58,10 @@ PRESETS = {
                          mm_use_im_start_end=True, output_dir="checkpoints/llava-13b-v0-pretrain"),
     **{f"llava-v1-{size}": dict(**V1, **DATA, template="plain", llm=f"lmsys/vicuna-{size}-v1.3",
                                 output_dir=f"checkpoints/llava-vicuna-{size}-v1.3-pretrain") for size in ("7b", "13b")},
+    # InstructBLIP's Q-Former (qformer.py) on LLaVA's captions: see the docstring.
+    "instructblip-vicuna-7b": dict(**QFORMER, **{**DATA, "needs": QFORMER_NEEDS}, lr=1e-4, weight_decay=0.05,
+                                   adam_beta2=0.98, init_from="checkpoints/blip2_pretrained_vitL.pth",
+                                   output_dir="checkpoints/instructblip-vicuna-7b-pretrain"),
     # The toy world of tools/toy_world.py: tiny backbones and coloured shapes, minutes on a laptop CPU.
     "toy": dict(vision_tower="runs/toy/world/vision", llm="runs/toy/world/llm", data_path="runs/toy/world/captions.json",
                 image_folder="runs/toy/world/images", output_dir="runs/toy/pretrain", global_batch_size=32,

@@ -257,8 +257,9 @@ def check_paths(cfg, from_preset=(), preset_note=""):
                       "is a directory; pass the .json or .jsonl data file")
     if cfg.image_folder and not os.path.isdir(cfg.image_folder):
         raise missing("image_folder", "no such directory")
-    for name in ("vision_tower", "llm", "qformer_tokenizer") + (() if cfg.resume else ("init_from",)):  # (a resumed run starts from its
-        value = getattr(cfg, name)                                                # checkpoint)
+    # (a resumed run starts from its checkpoint, not --init-from)
+    for name in ("vision_tower", "llm", "qformer_tokenizer") + (() if cfg.resume else ("init_from",)):
+        value = getattr(cfg, name)
         local = value.startswith((".", "/", "~")) or value.count("/") != 1
         if value and local and not os.path.exists(value):
             raise missing(name, "no such file or directory (nor a hub id, owner/name)")

@@ -69,8 +69,8 @@ def test_config_errors_name_the_setting():
 def test_the_instruction_is_the_turn_with_the_image(llama_tok):
     bert = bert_tokenizer()
     fmt = data.ChatFormat(llama_tok, "vicuna_v1", image_tokens=4, instruction_tokenizer=bert, instruction_length=6)
-    messages = [{"role": "user", "content": "<image>\nWhat color is the circle?"}, {"role": "assistant", "content": "Red."},
-                {"role": "user", "content": "And the square?"}]
+    messages = [{"role": "user", "content": "<image>\nWhat color is the circle?"},
+                {"role": "assistant", "content": "Red."}, {"role": "user", "content": "And the square?"}]
     [ids] = fmt.instructions(messages)
     assert bert.convert_ids_to_tokens(ids) == ["[CLS]", "is", "the", "circle", "?", "[SEP]"]  # cut from the left
     assert data.ChatFormat(llama_tok, "vicuna_v1", 4).instructions(messages) == []  # LLaVA's projectors: nothing
