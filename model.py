@@ -59,7 +59,8 @@ class LlavaConfig:
     # tokenizer whose embedding rows stage 1 trains (add_im_start_end).
     mm_use_im_start_end: bool = False
     # projector_type "qformer": its sizes (qformer.QFormerConfig's fields; those not given take InstructBLIP's) and
-    # its tokenizer (a BERT tokenizer's hub id or directory, e.g. google-bert/bert-base-uncased; a saved has its own copy).
+    # its tokenizer (a BERT tokenizer's hub id or directory, e.g. google-bert/bert-base-uncased; a saved model keeps
+    # its own copy).
     qformer: dict = field(default_factory=dict)
     qformer_tokenizer: str = ""
 
