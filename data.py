@@ -946,6 +946,7 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
 
     def __post_init__(self):
         assert 0 <= self.rank < self.world_size and all(n != 0 for n in self.lengths)
+        self.length = [abs(n) for n in self.lengths]
 
     @property
     def global_batch(self):
@@ -973,11 +974,15 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
             order = itertools.cycle([i for batch in full for i in batch] + leftover)
             leftover += list(itertools.islice(order, (-len(leftover)) % size))
             full += [leftover[j:j + size] for j in range(0, len(leftover), size)]
-        length = [abs(x) for x in self.lengths]
+        return [self.deal(b) for b in full]
+
+    def deal(self, batch):
+        """A global batch as its world_size x grad_accum micro-batches: with group_by_length sorted longest first and
+        split into micro-batches of similar total length, else cut in order."""
         if self.group_by_length:
-            full = [sorted(b, key=lambda i: length[i], reverse=True) for b in full]
-            return [split_to_even_chunks(b, length, self.world_size * self.grad_accum) for b in full]
-        return [[b[j:j + self.micro_batch_size] for j in range(0, size, self.micro_batch_size)] for b in full]
+            batch = sorted(batch, key=lambda i: self.length[i], reverse=True)
+            return split_to_even_chunks(batch, self.length, self.world_size * self.grad_accum)
+        return [batch[j:j + self.micro_batch_size] for j in range(0, len(batch), self.micro_batch_size)]
 
     def __len__(self):
         return (self.steps_per_epoch() - self.start_step) * self.micro_batch_size * self.grad_accum
@@ -994,3 +999,128 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
         for batch in self.megabatches()[self.start_step:]:
             for step in range(self.grad_accum):
                 yield from batch[step * self.world_size + self.rank]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several data files, and InstructBLIP's balanced sampling over them
+#
+# --data-path a.json,b.jsonl trains on several datasets at once, one per file. --dataset-balance concat (the default)
+# concatenates them, and the sampler above runs over all; sqrt draws each global batch from ONE dataset, dataset d
+# with probability sqrt(S_d) / sum_i sqrt(S_i) for sizes S_1..S_D (InstructBLIP, arXiv:2305.06500 section 2.3;
+# salesforce/LAVIS lavis/runners/runner_base.py and lavis/datasets/datasets/dataloader_utils.py MultiIterLoader):
+# small datasets are seen more often than in proportion to their size, without the large ones being lost.
+
+DATASET_BALANCES = ("concat", "sqrt")
+
+
+def data_files(data_path):
+    """The files of --data-path: one, or several separated by commas. Each is one dataset; none may be empty or
+    given twice (it would be two datasets, with twice its share under sqrt)."""
+    if not data_path:
+        raise UserError("--data-path: no data file given; give LLaVA's data file (.json list or .jsonl)")
+    paths = data_path.split(",")
+    for n, path in enumerate(paths, 1):
+        if not path.strip():
+            raise UserError(f"--data-path {data_path}: file {n} of {len(paths)} is empty; separate the data files "
+                            "by single commas, without spaces")
+        if paths.index(path) != n - 1:
+            raise UserError(f"--data-path {data_path}: {path} is given twice; give each data file once")
+    return paths
+
+
+class DataFiles(torch.utils.data.Dataset):
+    """Several LazySupervisedDatasets as one: index i of the whole is sample i - starts[d] of file d, in the order the
+    files were given, so one file is exactly that file's dataset. `sizes` gives each file's number of samples (the
+    sampler's datasets); where(i), modality_lengths, num_bad and bad_places are those of the files, concatenated. A
+    bad sample is replaced by the next good one of its own file (so a batch drawn from one file stays in it)."""
+
+    def __init__(self, datasets):
+        self.datasets = list(datasets)
+        self.sizes = [len(d) for d in self.datasets]
+        self.starts = [0] + list(itertools.accumulate(self.sizes))
+        self.data_path = ",".join(d.data_path for d in self.datasets)
+        self.num_bad = sum(d.num_bad for d in self.datasets)
+        self.bad_places = [p for d in self.datasets for p in d.bad_places]
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def locate(self, i):
+        """(file number, index in that file) of index i."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of a dataset of {len(self)}")
+        d = bisect.bisect_right(self.starts, i) - 1
+        return d, i - self.starts[d]
+
+    def where(self, i, sample=None):
+        d, j = self.locate(i)
+        return self.datasets[d].where(j, sample)
+
+    @property
+    def modality_lengths(self):
+        return [n for d in self.datasets for n in d.modality_lengths]
+
+    def __getitem__(self, i):
+        d, j = self.locate(i)
+        item = self.datasets[d][j]
+        return {**item, "skipped": [self.starts[d] + k for k in item["skipped"]]}
+
+
+@dataclass
+class BalancedSampler(ModalityLengthGroupedSampler):
+    """InstructBLIP's balanced sampling: each global batch from one dataset, dataset d with probability proportional
+    to sqrt(sizes[d]). `lengths` are those of all datasets concatenated (DataFiles.modality_lengths), `sizes` says
+    where each dataset's indices are.
+
+    Global step t's dataset is the t-th draw of a sequence seeded from (seed, epoch); its samples are that dataset's
+    next global batch. Each dataset has batches of its own: a shuffle of it, cut into global batches, the last one
+    filled up from the start of the same shuffle (as the sampler above fills its last), then another shuffle, and so
+    on. So no sample comes twice before all of its dataset were seen, and a global batch holds no sample twice
+    unless its dataset is smaller than it. The datasets' batches run on across epochs. An epoch is
+    ceil(sum(sizes) / global_batch) steps, as many as concat takes to see every sample once (--epochs and the
+    learning-rate schedule keep their meaning); it is not a pass over each dataset. A global batch is dealt to ranks
+    and accumulation steps as the sampler above deals it: with group_by_length sorted by length and cut into
+    micro-batches of similar total length, else in order; image and text-only samples are not kept apart.
+
+    The order depends only on (seed, global step): set_epoch(epoch, start_step) counts the draws before that epoch to
+    know where each dataset is, so a resumed run reads exactly what the uninterrupted one would have.
+    """
+
+    sizes: list = field(kw_only=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        assert sum(self.sizes) == len(self.lengths) and all(n > 0 for n in self.sizes)
+        self.starts = [0] + list(itertools.accumulate(self.sizes))
+        roots = np.sqrt(np.array(self.sizes, dtype=np.float64))
+        self.probabilities = roots / roots.sum()
+
+    def steps_per_epoch(self):
+        return -(-len(self.lengths) // self.global_batch)
+
+    def rng(self, *key):
+        """A generator of its own for each purpose: key (0, epoch) draws an epoch's datasets, (1 + d, k) gives
+        dataset d's k-th shuffle (numpy's SeedSequence mixes the whole key, so no two share a stream)."""
+        return np.random.default_rng([self.seed % 2 ** 64, *key])
+
+    def choices(self, epoch):
+        """The dataset of each global step of an epoch."""
+        return self.rng(0, epoch).choice(len(self.sizes), size=self.steps_per_epoch(), p=self.probabilities).tolist()
+
+    def megabatches(self):
+        """This epoch's global batches, each a list of world_size x grad_accum micro-batches."""
+        taken = [0] * len(self.sizes)  # global batches each dataset gave before this epoch
+        for epoch in range(self.epoch):
+            for d in self.choices(epoch):
+                taken[d] += 1
+        batches, shuffles, size = [], {}, self.global_batch  # shuffles: dataset d -> (k, its k-th shuffle)
+        for d in self.choices(self.epoch):
+            k, j = divmod(taken[d], -(-self.sizes[d] // size))  # the k-th shuffle's j-th batch
+            if shuffles.get(d, (None,))[0] != k:
+                shuffles[d] = k, (self.starts[d] + self.rng(1 + d, k).permutation(self.sizes[d])).tolist()
+            order = shuffles[d][1]
+            batch = order[j * size:(j + 1) * size]
+            batch += itertools.islice(itertools.cycle(order), size - len(batch))
+            batches.append(self.deal(batch))
+            taken[d] += 1
+        return batches

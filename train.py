@@ -53,8 +53,9 @@ from torch.utils.checkpoint import checkpoint
 
 import checkpoints
 import lora
-from data import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, DataError, LazySupervisedDataset,
-                  ModalityLengthGroupedSampler, UserError, collate, load_image_processor, load_tokenizer)
+from data import (DATASET_BALANCES, IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, BalancedSampler, DataError,
+                  DataFiles, LazySupervisedDataset, ModalityLengthGroupedSampler, UserError, collate, data_files,
+                  load_image_processor, load_tokenizer)
 from model import QFORMER_TOKENIZER, LlavaConfig, LlavaModel, add_im_start_end, load_instruction_tokenizer, \
     load_vision_tower, supervised_targets
 
@@ -92,7 +93,8 @@ class TrainConfig:
     lora_alpha: int = arg("LoRA alpha: the adapters' update is scaled by alpha / r", 256)
     lora_dropout: float = arg("dropout on the adapters' input", 0.05)
     # the data
-    data_path: str = arg("LLaVA data file (.json list or .jsonl)", "")
+    data_path: str = arg("LLaVA data file (.json list or .jsonl); several separated by commas (a.json,b.jsonl), "
+                         "each one dataset", "")
     image_folder: str = arg("folder the samples' image paths are relative to", "")
     template: str = arg("plain, vicuna_v1, llava_v1, llama_2, chat_template or llava_v0 (the first paper's ###)")
     image_aspect_ratio: str = arg("pad (expand to square) or crop")
@@ -100,6 +102,9 @@ class TrainConfig:
     mm_use_im_start_end: bool = arg("the first paper's <im_start>/<im_end> around each image: two tokens added to the "
                                     "tokenizer, their input embeddings trained with the projector in stage 1", False)
     group_by_modality_length: bool = arg("LLaVA-1.5's length/modality-grouped batches")
+    dataset_balance: str = arg("with several data files: concat (one dataset of all) or sqrt (InstructBLIP: each "
+                               "global batch from one file, drawn with probability proportional to the square root "
+                               "of its size)", "concat")
     skip_bad_samples: bool = arg("skip (and count) bad samples instead of stopping", False)
     num_workers: int = arg("data loader processes per rank", 4)
     # optimization
@@ -146,6 +151,7 @@ RULES = {
     "vision_feature_select": (lambda v: v in ("patch", "cls_patch"), "'patch' or 'cls_patch'"),
     "template": (lambda v: v in TEMPLATES, " or ".join(map(repr, TEMPLATES))),
     "image_aspect_ratio": (lambda v: v in ("pad", "crop"), "'pad' or 'crop'"),
+    "dataset_balance": (lambda v: v in DATASET_BALANCES, " or ".join(map(repr, DATASET_BALANCES))),
     "precision": (lambda v: v in ("bf16", "fp32"), "'bf16' or 'fp32'"),
     "max_length": (lambda v: v >= 1, "at least 1"),
     "num_workers": (lambda v: v >= 0, "0 or more"),
@@ -247,14 +253,15 @@ def json_object(text):
 def check_paths(cfg, from_preset=(), preset_note=""):
     """The files a run reads exist: a missing one is named by its flag (and, when a preset set it, what the preset
     needs) before anything loads. A backbone that is not a local path is a hub id, which loading resolves."""
-    def missing(name, what):
-        value = getattr(cfg, name)
+    def missing(name, what, value=None):  # (value: the one file of --data-path's several that is missing)
+        value = getattr(cfg, name) if value is None else value
         note = f" (set by {preset_note})" if name in from_preset and preset_note else ""
         return UserError(f"{flag(name)} {value}: {what}{note}")
 
-    if not os.path.isfile(cfg.data_path):
-        raise missing("data_path", "no such data file" if not os.path.isdir(cfg.data_path) else
-                      "is a directory; pass the .json or .jsonl data file")
+    for path in data_files(cfg.data_path):
+        if not os.path.isfile(path):
+            raise missing("data_path", "no such data file" if not os.path.isdir(path) else
+                          "is a directory; pass the .json or .jsonl data file", path)
     if cfg.image_folder and not os.path.isdir(cfg.image_folder):
         raise missing("image_folder", "no such directory")
     # (a resumed run starts from its checkpoint, not --init-from)
@@ -297,15 +304,20 @@ def fit(cfg, device):
     torch.manual_seed(cfg.seed + rank)  # from here each rank draws its own random numbers (dropout masks): the weights
                                         # were initialised on rank 0 and broadcast
     fmt = model.chat_format(*tokenizers)
-    dataset = LazySupervisedDataset(cfg.data_path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
-                                    cfg.max_length, cfg.skip_bad_samples)
-    data_sha256 = file_sha256(cfg.data_path) if rank == 0 else None
+    paths = data_files(cfg.data_path)
+    dataset = DataFiles(LazySupervisedDataset(path, cfg.image_folder, fmt, image_processor, cfg.image_aspect_ratio,
+                                              cfg.max_length, cfg.skip_bad_samples) for path in paths)
+    data_sha256 = ",".join(file_sha256(path) for path in paths) if rank == 0 else None  # (one file: its sha256)
     if saved and rank == 0 and saved.get("data_sha256") not in (None, data_sha256):
         print(f"warning: --data-path {cfg.data_path} changed since {resume_from} was written (its sha256 differs): "
               "the run goes on over the file as it is now, so its data order differs from the run's before",
               file=sys.stderr)
-    sampler = ModalityLengthGroupedSampler(dataset.modality_lengths, cfg.micro_batch_size, world, rank, grad_accum,
-                                           cfg.group_by_modality_length, cfg.seed)
+    if cfg.dataset_balance == "sqrt":
+        sampler = BalancedSampler(dataset.modality_lengths, cfg.micro_batch_size, world, rank, grad_accum,
+                                  cfg.group_by_modality_length, cfg.seed, sizes=dataset.sizes)
+    else:
+        sampler = ModalityLengthGroupedSampler(dataset.modality_lengths, cfg.micro_batch_size, world, rank,
+                                               grad_accum, cfg.group_by_modality_length, cfg.seed)
     steps_per_epoch = sampler.steps_per_epoch()
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg)
@@ -921,6 +933,8 @@ def check_resume(path, cfg):
 
 
 def same_path(path):
+    if path and "," in path:  # several data files
+        return ",".join(map(same_path, path.split(",")))
     return os.path.realpath(path) if path and os.path.exists(path) else path
 
 
