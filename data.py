@@ -1006,8 +1006,9 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
 #
 # --data-path a.json,b.jsonl trains on several datasets at once, one per file. --dataset-balance concat (the default)
 # concatenates them, and the sampler above runs over all; sqrt draws each global batch from ONE dataset, dataset d
-# with probability sqrt(S_d) / sum_i sqrt(S_i) for sizes S_1..S_D (InstructBLIP, arXiv:2305.06500 section 2.3;
-# salesforce/LAVIS lavis/runners/runner_base.py and lavis/datasets/datasets/dataloader_utils.py MultiIterLoader):
+# with probability sqrt(S_d) / sum_i sqrt(S_i) for sizes S_1..S_D (InstructBLIP, arXiv:2305.06500, "Balancing Training
+# Datasets"; salesforce/LAVIS lavis/runners/runner_base.py and lavis/datasets/datasets/dataloader_utils.py
+# MultiIterLoader):
 # small datasets are seen more often than in proportion to their size, without the large ones being lost.
 
 DATASET_BALANCES = ("concat", "sqrt")

@@ -24,7 +24,7 @@ on QCM-LEA from the same stage 1. `llava-v1-*-lightning` and `llava-v1-*` are LL
 llava_instruct_80k for 1 epoch; the full schedule: 158K for 3), `llava-v1-13b-scienceqa` its finetune_sqa.sh (12
 epochs, batch 128, from liuhaotian/llava-pretrain-vicuna-13b-v1.3's projector); Vicuna v1.3, `vicuna_v1` (`v1`).
 
-InstructBLIP's instruction tuning (`instructblip-vicuna-7b`; arXiv:2305.06500 section 3.3 and Appendix; qformer.py):
+InstructBLIP's instruction tuning (`instructblip-vicuna-7b`; arXiv:2305.06500, "Implementation Details"; qformer.py):
 the tower and the LLM frozen, the Q-Former and its projection trained from pretrain.py's preset of the same name, 60K
 steps at batch 128, lr 1e-5 after 1,000 warm-up steps, cosine to 0, AdamW (0.9, 0.999), weight decay 0.05. Its data
 here is LLaVA-1.5's mix in LLaVA's `vicuna_v1` template (InstructBLIP's 26-dataset mix was never released); several

@@ -20,8 +20,9 @@ on LLaMA: apply it first; the path is yours). `llava-v1-7b` / `-13b` are LLaVA's
 InstructBLIP's Q-Former (`instructblip-vicuna-7b`, qformer.py): BLIP-2's second stage in LLaVA's first, the Q-Former
 and its projection taught to caption into the frozen Vicuna. It starts from BLIP-2's first stage for CLIP-L (LAVIS's
 blip2_pretrained_vitL.pth, --init-from; the projection to the LLM is new), with BLIP-2's optimizer (arXiv:2301.12597,
-section 3.4: peak lr 1e-4, weight decay 0.05, AdamW beta2 0.98) over LLaVA's 558K captions for one epoch at batch 256
-(BLIP-2 trained on 129M images; the authors' own Vicuna run of this stage was never released, salesforce/LAVIS#292).
+"Pre-training settings": peak lr 1e-4, weight decay 0.05, AdamW beta2 0.98) over LLaVA's 558K captions, one epoch at
+batch 256 (BLIP-2 trained on 129M images; the authors' own Vicuna run of this stage was never released,
+salesforce/LAVIS#292).
 finetune.py's preset of the same name is InstructBLIP's instruction tuning.
 """
 

@@ -1,4 +1,4 @@
-"""InstructBLIP's projector: the instruction-aware Q-Former (Dai et al. 2023, arXiv:2305.06500, section 2.2).
+"""InstructBLIP's projector: the instruction-aware Q-Former (Dai et al. 2023, arXiv:2305.06500).
 
     projector = QFormerProjector(QFormerConfig(), vision_hidden=1024, text_hidden=4096)
     tokens = projector(features, instruction_ids, instruction_mask)      # (images, 32, 4096)

@@ -1,6 +1,7 @@
 """Several data files (--data-path a.json,b.jsonl) and InstructBLIP's balanced sampling (--dataset-balance sqrt):
-each global batch from one dataset, dataset d with probability sqrt(S_d) / sum_i sqrt(S_i) (arXiv:2305.06500 section
-2.3). The sampler against the formula, its streams, ranks and resume; the files as one dataset; train.main end to end."""
+each global batch from one dataset, dataset d with probability sqrt(S_d) / sum_i sqrt(S_i) (arXiv:2305.06500,
+"Balancing Training Datasets"). The sampler against the formula, its streams, ranks and resume; the files as one
+dataset; train.main end to end."""
 
 import json
 import math
