@@ -9,8 +9,9 @@ and LLaVA conversations cut into single turns as LAVIS reads them; each written 
     python tools/instructblip_data.py split-turns --data llava_instruct_150k.json --out llava_instruct_turns.json
 
 InstructBLIP (Dai et al. 2023, arXiv:2305.06500, "Tasks and Datasets" and Appendix Table 5) trains on existing
-captioning and VQA datasets by wrapping each example in one of 10-15 natural-language templates per task, some asking for a "short"
-answer or to "briefly" describe, so that short-answer data does not teach the model to always answer short. The
+captioning and VQA datasets by wrapping each example in one of 10-15 natural-language templates per task, some
+asking for a "short" answer or to "briefly" describe, so that short-answer data does not teach the model to always
+answer short. The
 templates are kept here as data (CAPTION_TEMPLATES, VQA_TEMPLATES, VQG_TEMPLATES), each list with its source. One
 template is drawn per sample from --seed and the sample's id, so a rerun writes the same file.
 
