@@ -123,3 +123,19 @@ def test_a_qformer_checkpoint_reloads_to_the_same_logits(qformer_run, world):
     image, q = torch.randn(1, 3, 48, 48), torch.tensor([[2, 10, 3]])
     torch.testing.assert_close(a(ids, pixel_values=image, instruction_ids=q, instruction_mask=torch.ones_like(q)),
                                b(ids, pixel_values=image, instruction_ids=q, instruction_mask=torch.ones_like(q)))
+
+
+def test_generate_and_evaluate_command_lines_run_a_qformer_model(qformer_run, world, tmp_path, capsys):
+    """The command lines a user runs, over the trained qformer model: each question reaches the Q-Former."""
+    import evaluate
+
+    out, _ = qformer_run
+    image = str(world["root"] / "images" / "00000.png")
+    generate.main(["--model", str(out), "--image", image, "--temperature", "0", "--max-new-tokens", "3",
+                   "What color is the shape on the left?"])
+    assert capsys.readouterr().out.strip() != ""
+    answers = tmp_path / "answers.jsonl"
+    evaluate.main(["run", "--model", str(out), "--questions", str(world["root"] / "test.jsonl"), "--image-folder",
+                   str(world["root"] / "images"), "--answers", str(answers), "--max-new-tokens", "3"])
+    rows = [json.loads(line) for line in open(answers)]
+    assert len(rows) == sum(1 for _ in open(world["root"] / "test.jsonl")) and all("text" in r for r in rows)
