@@ -39,15 +39,17 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 
 import lora
 from data import UserError, load_tokenizer
-from model import LlavaConfig, LlavaModel, add_im_start_end, first_line, from_pretrained_complete, grow_vocab, \
-    load_vision_tower, looks_like_hub_id, params_on_meta, quiet_transformers, reading, resolve
+from model import QFORMER_TOKENIZER, LlavaConfig, LlavaModel, add_im_start_end, first_line, from_pretrained_complete, \
+    grow_vocab, load_vision_tower, looks_like_hub_id, params_on_meta, quiet_transformers, reading, resolve
+from qformer import QFormerConfig, QFormerProjector
 
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
 BACKBONES = {"vision_tower": ("vision_tower", "vision tower"), "llm": ("language_model", "LLM")}  # field: module, name
 LORA_BASE = "lora_base"  # config.json's field naming the whole model whose LLM a LoRA run's adapters sit on
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 LAYOUTS = ("ours (checkpoints.save: projector_type, vision_config, text_config), the original LLaVA's (mm_vision_tower "
-           "and the other mm_* keys) and transformers' Llava (model_type \"llava\", the llava-hf repos)")
+           "and the other mm_* keys), transformers' Llava (model_type \"llava\", the llava-hf repos) and transformers' "
+           "InstructBLIP (model_type \"instructblip\", the Salesforce/instructblip-vicuna-* repos)")
 
 
 def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**30, lora_base=None, extra=()):
@@ -130,6 +132,8 @@ def load(path, dtype=None, model_base=None):
             model = from_original_llava(path, saved, model_base)
         elif saved.get("model_type") == "llava":
             model = from_llava_hf(path)
+        elif saved.get("model_type") == "instructblip":
+            model = from_instructblip_hf(path)
         elif {"projector_type", "vision_config", "text_config"} & saved.keys():
             model = from_our_layout(path, saved)
         else:
@@ -310,7 +314,7 @@ def layers_of(shapes):
 
 
 def from_our_layout(path, saved):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config, backbones = our_config(path, saved)
     state = read_weights(path)
@@ -326,7 +330,7 @@ def from_our_layout(path, saved):
 
     if "vision_tower" in present:
         with params_on_meta(), reading(path, "checkpoint"):
-            tower = AutoModel.from_config(sub_config("vision_config"))
+            tower = vision_tower_from_config(sub_config("vision_config"))
     else:
         tower = load_vision_tower(find_backbone(path, "vision_tower", config.vision_tower,
                                                 backbones.get("vision_tower")))
@@ -509,6 +513,71 @@ def from_transformers_llava(hf, source=""):
     for name in ("linear_1", "linear_2"):  # (its Linear layers in our projector, which reads no instruction)
         setattr(model.multi_modal_projector, name, getattr(hf.model.multi_modal_projector, name))
     return model
+
+
+def from_instructblip_hf(path):
+    """transformers' InstructBlipForConditionalGeneration (Salesforce/instructblip-vicuna-7b and -13b), read by
+    transformers itself: its LLM tokenizer at the top (InstructBLIP's Vicuna quirks included: BOS "</s>"), the
+    Q-Former's BERT tokenizer in qformer_tokenizer/, a BlipImageProcessor (a plain resize to 224 x 224)."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    hf = from_pretrained_complete(InstructBlipForConditionalGeneration, path, what="checkpoint")
+    return from_transformers_instructblip(hf, path)
+
+
+def from_transformers_instructblip(hf, source=""):
+    """Our model over the modules of an InstructBlipForConditionalGeneration: its vision model as the tower and its
+    LLM shared, not copied; its Q-Former's weights (query_tokens, qformer.*, language_projection) copied into our
+    QFormerProjector, whose module names are transformers' (qformer.py). transformers applies the vision model's
+    post_layernorm (LAVIS's ln_vision, renamed by transformers' convert_instructblip_original_to_pytorch.py) to its
+    last hidden state before the Q-Former; here the tower gives hidden_states[-1] with CLS (257 features at 224 px)
+    and the projector's vision_layernorm, that LayerNorm's copy, normalises them in fp32 as LAVIS does.
+    The image goes through the processor alone (image_aspect_ratio "crop": BlipImageProcessor resizes to a square,
+    as LAVIS's blip_image_eval does; no padding to a square first)."""
+    c = hf.config
+    q = c.qformer_config
+    if not c.use_decoder_only_language_model:
+        raise UserError(f"{source}: an InstructBLIP with an encoder-decoder LLM ({c.text_config.model_type}, the "
+                        "FLAN-T5 variants); this project's LLaVA runs a decoder-only LLM: use a Vicuna one")
+    if q.hidden_act != "gelu" or getattr(q, "position_embedding_type", "absolute") != "absolute" or \
+            q.encoder_hidden_size != c.vision_config.hidden_size:
+        raise UserError(f"{source}: its Q-Former (hidden_act {q.hidden_act!r}, position_embedding_type "
+                        f"{getattr(q, 'position_embedding_type', None)!r}, encoder_hidden_size "
+                        f"{q.encoder_hidden_size}) is not InstructBLIP's (gelu, absolute, the vision width "
+                        f"{c.vision_config.hidden_size}); qformer.py builds only that one")
+    sizes = QFormerConfig(num_hidden_layers=q.num_hidden_layers, hidden_size=q.hidden_size,
+                          num_attention_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
+                          cross_attention_frequency=q.cross_attention_frequency, num_query_tokens=c.num_query_tokens,
+                          vocab_size=q.vocab_size, max_position_embeddings=q.max_position_embeddings,
+                          pad_token_id=q.pad_token_id, layer_norm_eps=q.layer_norm_eps,
+                          vision_layer_norm_eps=c.vision_config.layer_norm_eps,
+                          hidden_dropout_prob=q.hidden_dropout_prob,
+                          attention_probs_dropout_prob=q.attention_probs_dropout_prob)
+    config = LlavaConfig(vision_tower=source, llm=source, projector_type="qformer", qformer=sizes.to_dict(),
+                         qformer_tokenizer=os.path.join(source, QFORMER_TOKENIZER), vision_feature_layer=-1,
+                         vision_feature_select="cls_patch", template="instructblip", image_aspect_ratio="crop")
+    with params_on_meta():
+        model = llava_model(source, config, hf.vision_model, hf.language_model)
+    state = {}
+    for name, tensor in hf.state_dict().items():
+        if name.startswith(("qformer.", "language_projection.")) or name == "query_tokens":
+            state[name] = tensor
+        elif name.startswith("vision_model.post_layernorm."):
+            state[name.replace("vision_model.post_layernorm.", "vision_layernorm.")] = tensor.clone()
+    own = model.multi_modal_projector.state_dict()
+    state = {k: v for k, v in state.items() if k in own}  # (buffers transformers keeps: the Q-Former's position_ids)
+    assign_weights(model, {f"multi_modal_projector.{k}": v for k, v in state.items()}, source)
+    return model
+
+
+def vision_tower_from_config(config):
+    """The vision tower a saved vision_config describes, on AutoModel's map; InstructBLIP's vision model is not on it
+    (transformers builds it only inside InstructBlipForConditionalGeneration), so it is named here."""
+    from transformers import AutoModel, InstructBlipVisionModel
+
+    if config.model_type == "instructblip_vision_model":
+        return InstructBlipVisionModel(config)
+    return AutoModel.from_config(config)
 
 
 def llava_model(path, config, tower, llm):

@@ -1,0 +1,168 @@
+"""transformers' InstructBLIP layout read into our model, checked against transformers' own InstructBLIP: the same
+logits, the same greedy answers, the same input ids as its processor's; and `evaluate.py run` on such a repo fetched
+from a loopback hub. Then BLIP-2's stage-1 Q-Former (a LAVIS .pth) as --init-from.
+
+The reference is a tiny random InstructBlipForConditionalGeneration over a Llama, in the layout of
+Salesforce/instructblip-vicuna-7b (tests/real_format.py), with its tokenizers' quirks (the LLM's BOS is "</s>")."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import checkpoints
+import data
+import generate
+import tests.real_format as rf
+from data import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTIONS = ["What is in the image?", "Describe the picture. How many shapes are there? Is there a triangle?"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """(folder, the transformers model it holds, the InstructBlipProcessor it was saved with, two images)."""
+    root = tmp_path_factory.mktemp("instructblip")
+    folder, hf, processor = rf.instructblip_repo(str(root / rf.INSTRUCTBLIP))
+    images = []
+    for i, size in enumerate([(40, 30), (28, 50)]):
+        image = Image.new("RGB", size, (200, 40 + 90 * i, 40))
+        image.paste((20, 20, 220), (5, 5, 20, 20))
+        image.save(root / f"{i}.png")
+        images.append(str(root / f"{i}.png"))
+    return folder, hf, processor, images
+
+
+@pytest.fixture(scope="module")
+def ours(repo):
+    folder = repo[0]
+    model, fmt, processor = generate.load(folder)
+    return model, fmt, processor
+
+
+def conversation(question):
+    return [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}]
+
+
+def test_the_layout_loads_as_an_instructblip(ours, repo):
+    model, fmt, processor = ours
+    c = model.config
+    assert (c.projector_type, c.template, c.vision_feature_layer, c.vision_feature_select) == \
+        ("qformer", "instructblip", -1, "cls_patch")
+    assert model.num_features == 5 and model.num_image_tokens == 4
+    assert type(processor).__name__ == "BlipImageProcessorPil"
+    assert fmt.tokenizer.bos_token == "</s>" and fmt.instruction_tokenizer.cls_token == "[CLS]"
+    # the post_layernorm transformers applies before the Q-Former is our projector's vision_layernorm
+    hf = repo[1]
+    torch.testing.assert_close(model.multi_modal_projector.vision_layernorm.weight,
+                               hf.vision_model.post_layernorm.weight, rtol=0, atol=0)
+
+
+def test_our_ids_are_its_processors(ours, repo):
+    """Our ChatFormat's prompt and Q-Former instruction are InstructBlipProcessor's input_ids (its image token ->
+    IMAGE_TOKEN_INDEX) and qformer_input_ids: the template, the BOS after the image, and the tokenizers' quirks."""
+    model, fmt, _ = ours
+    hf, processor, paths = repo[1], repo[2], repo[3]
+    for question, path in zip(QUESTIONS, paths):
+        theirs = processor(images=Image.open(path).convert("RGB"), text=question)
+        ids = [IMAGE_TOKEN_INDEX if i == hf.config.image_token_index else i for i in theirs["input_ids"][0]]
+        assert fmt.prompt(conversation(question)) == ids
+        assert ids[model.num_image_tokens] == fmt.tokenizer.convert_tokens_to_ids("</s>")  # the quirk: BOS "</s>"
+        assert fmt.instructions(conversation(question)) == [theirs["qformer_input_ids"][0]]
+
+
+def batch(fmt, processor, paths, questions, side="right"):
+    """Our inputs for one image and question per sample, padded on `side`, and the same for transformers (its image
+    token in place of IMAGE_TOKEN_INDEX, its processor's pixel values)."""
+    prompts = [fmt.prompt(conversation(q)) for q in questions]
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), fmt.pad_id)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        span = slice(0, len(p)) if side == "right" else slice(width - len(p), width)
+        ids[i, span], mask[i, span] = torch.tensor(p), 1
+    instructions = data.pad_instructions([i for q in questions for i in fmt.instructions(conversation(q))])
+    pixels = generate.prepare_images(paths, processor, "crop")
+    return ids, mask, pixels, instructions
+
+
+def test_the_same_logits_as_transformers(ours, repo):
+    """A batch of two: prompts and instructions of different lengths, padding in both, fp32 within 1e-5."""
+    model, fmt, processor = ours
+    hf, hf_processor, paths = repo[1], repo[2], repo[3]
+    ids, mask, pixels, inst = batch(fmt, processor, paths, QUESTIONS)
+    assert inst["instruction_mask"].sum(1).tolist()[0] < inst["instruction_mask"].shape[1]  # padded Q-Former text
+    theirs = hf_processor(images=[Image.open(p).convert("RGB") for p in paths], text=QUESTIONS, return_tensors="pt",
+                          padding=True)
+    torch.testing.assert_close(pixels, theirs["pixel_values"], rtol=0, atol=0)
+    hf_ids = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, hf.config.image_token_index)
+    with torch.no_grad():
+        reference = hf(pixel_values=theirs["pixel_values"], qformer_input_ids=inst["instruction_ids"],
+                       qformer_attention_mask=inst["instruction_mask"], input_ids=hf_ids,
+                       attention_mask=mask).logits
+        logits = model(ids, mask, pixels, instruction_ids=inst["instruction_ids"],
+                       instruction_mask=inst["instruction_mask"])
+    real = mask.bool()
+    assert reference[real].abs().max() > 1  # weights of a scale where differences show
+    torch.testing.assert_close(logits[real], reference[real], rtol=0, atol=1e-5)
+    # and saved in our layout, read back: the same model
+    out = os.path.join(os.path.dirname(repo[0]), "ours")
+    checkpoints.save(model, out)
+    again = checkpoints.load(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, mask, pixels, instruction_ids=inst["instruction_ids"],
+                                         instruction_mask=inst["instruction_mask"]), logits, rtol=0, atol=0)
+
+
+def test_the_same_greedy_answers_as_transformers(ours, repo):
+    model, fmt, processor = ours
+    hf, paths = repo[1], repo[3]
+    ids, mask, pixels, inst = batch(fmt, processor, paths, QUESTIONS, side="left")
+    eos = fmt.tokenizer.eos_token_id
+    with torch.no_grad():
+        out = hf.generate(pixel_values=pixels, qformer_input_ids=inst["instruction_ids"],
+                          qformer_attention_mask=inst["instruction_mask"],
+                          input_ids=ids.masked_fill(ids == IMAGE_TOKEN_INDEX, hf.config.image_token_index),
+                          attention_mask=mask, do_sample=False, max_new_tokens=8, eos_token_id=eos,
+                          pad_token_id=fmt.pad_id)
+    theirs = [row.tolist() for row in out[:, ids.shape[1]:]]
+    theirs = [row[:row.index(eos)] if eos in row else row for row in theirs]
+    convs = [conversation(q) for q in QUESTIONS]
+    mine = generate.generate(model, [fmt.prompt(c) for c in convs], pixels, max_new_tokens=8, eos_ids={eos},
+                             pad_id=fmt.pad_id, instructions=[i for c in convs for i in fmt.instructions(c)])
+    assert mine == theirs and any(len(row) > 2 for row in mine)
+    texts = generate.answer(model, fmt, convs, pixels, max_new_tokens=8)
+    assert texts == [fmt.tokenizer.decode(row, skip_special_tokens=True).strip() for row in theirs]
+
+
+def test_evaluate_run_on_the_repo_from_a_hub(repo, tmp_path):
+    """`evaluate.py run --model Salesforce/instructblip-vicuna-7b`, the repo downloaded through huggingface_hub from
+    a loopback hub (qformer_tokenizer/ included); its answer is transformers' greedy one."""
+    from hub import serve
+
+    folder, hf, processor, paths = repo
+    question = {"question_id": 3, "image": os.path.basename(paths[0]), "text": QUESTIONS[0]}
+    (tmp_path / "questions.jsonl").write_text(json.dumps(question) + "\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "OMP_NUM_THREADS": "1"}
+    with serve({rf.INSTRUCTBLIP: folder}) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        result = subprocess.run([sys.executable, "evaluate.py", "run", "--model", rf.INSTRUCTBLIP, "--questions",
+                                 str(tmp_path / "questions.jsonl"), "--image-folder", os.path.dirname(paths[0]),
+                                 "--answers", str(tmp_path / "answers.jsonl"), "--max-new-tokens", "6"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        downloaded = set(hub.downloaded(rf.INSTRUCTBLIP))
+    assert {"qformer_tokenizer/tokenizer.json", "preprocessor_config.json", "tokenizer.json"} <= downloaded
+    answer = json.loads((tmp_path / "answers.jsonl").read_text())
+    inputs = processor(images=Image.open(paths[0]).convert("RGB"), text=QUESTIONS[0], return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**inputs, do_sample=False, max_new_tokens=6, eos_token_id=processor.tokenizer.eos_token_id,
+                          pad_token_id=processor.tokenizer.pad_token_id)
+    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert answer["question_id"] == 3 and answer["text"] == expected
