@@ -381,7 +381,8 @@ def instructblip_repo(folder, seed=2):
     from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     os.makedirs(folder, exist_ok=True)
-    tokenizer, qformer, sp_model = instructblip_tokenizers(os.path.join(folder, "..", os.path.basename(folder) + "-src"))
+    sources = os.path.join(os.path.dirname(folder), os.path.basename(folder) + "-src")  # (not in the repo)
+    tokenizer, qformer, sp_model = instructblip_tokenizers(sources)
     model = instructblip_model(tokenizer, qformer, seed=seed)
     model.save_pretrained(folder, max_shard_size="200KB")
     tokenizer.save_pretrained(folder)

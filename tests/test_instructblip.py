@@ -166,3 +166,128 @@ def test_evaluate_run_on_the_repo_from_a_hub(repo, tmp_path):
                           pad_token_id=processor.tokenizer.pad_token_id)
     expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert answer["question_id"] == 3 and answer["text"] == expected
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# BLIP-2's stage-1 Q-Former (LAVIS's blip2_pretrained_vitL.pth) as --init-from
+
+LAVIS_EXTRAS = {  # what a LAVIS stage-1 checkpoint holds besides the Q-Former: none of it has a place in ours
+    "visual_encoder.blocks.0.attn.qkv.weight": torch.randn(6, 2), "vision_proj.weight": torch.randn(4, 32),
+    "text_proj.weight": torch.randn(4, 32), "itm_head.weight": torch.randn(2, 32), "temp": torch.tensor(0.07),
+    "Qformer.cls.predictions.bias": torch.randn(8), "Qformer.cls.predictions.transform.dense.weight": torch.randn(4, 4),
+    "Qformer.bert.embeddings.position_ids": torch.arange(512)[None]}
+
+
+def lavis_names(state):
+    """LAVIS's names for transformers' InstructBLIP weights (or our projector's, which are transformers' names):
+    the renames of transformers' convert_instructblip_original_to_pytorch.py undone, llm_proj left out (stage 1 has
+    no LLM)."""
+    out = {}
+    for k, v in state.items():
+        if k == "query_tokens":
+            out[k] = v
+        elif k.startswith(("vision_model.post_layernorm.", "vision_layernorm.")):
+            out["ln_vision." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("qformer.") and "position_ids" not in k:
+            k = "Qformer.bert." + k[len("qformer."):].replace("embeddings.layernorm.", "embeddings.LayerNorm.")
+            out[k.replace("attention.attention.", "attention.self.")] = v
+    return out
+
+
+def fresh_projector(model, vision_hidden=24, seed=5):
+    from qformer import QFormerProjector
+
+    torch.manual_seed(seed)
+    return QFormerProjector(model.multi_modal_projector.config, vision_hidden,
+                            model.language_model.config.hidden_size).eval()
+
+
+def test_blip2_stage1_qformer_as_init_from(ours, repo, tmp_path, capsys):
+    """The Q-Former of a LAVIS checkpoint ({"model": state dict}) in our projector computes what transformers'
+    InstructBLIP with those weights computes; only language_projection is not in it, and stays as initialised."""
+    hf = repo[1]
+    file = tmp_path / "blip2_pretrained_vitL.pth"
+    keys = lavis_names(hf.state_dict())
+    assert "Qformer.bert.encoder.layer.0.crossattention.self.key.weight" in keys  # (LAVIS's names, Qformer.py)
+    torch.save({"model": {**keys, **LAVIS_EXTRAS}}, file)
+    projector = fresh_projector(ours[0])
+    weights = checkpoints.projector_weights(str(file), expected=projector)
+    assert "freshly initialised" in capsys.readouterr().out
+    assert weights.keys() == projector.state_dict().keys() - {"language_projection.weight", "language_projection.bias"}
+    before = projector.language_projection.weight.clone()
+    missing = projector.load_state_dict(weights, strict=False).missing_keys
+    assert sorted(missing) == ["language_projection.bias", "language_projection.weight"]
+    assert torch.equal(projector.language_projection.weight, before)
+    projector.language_projection.load_state_dict(hf.language_projection.state_dict())
+    pixels, q = torch.randn(2, 3, 28, 28), torch.tensor([[2, 30, 31, 3], [2, 40, 3, 0]])
+    with torch.no_grad():
+        features = hf.vision_model(pixels, output_hidden_states=True).hidden_states[-1]
+        expected = hf.get_image_features(pixels, qformer_input_ids=q, qformer_attention_mask=(q != 0).long(),
+                                         return_dict=True).pooler_output
+        torch.testing.assert_close(projector(features, q, (q != 0).long()), expected, rtol=0, atol=1e-5)
+
+
+def test_blip2_checkpoints_that_do_not_fit_are_refused(ours, repo, tmp_path):
+    from model import Projector
+
+    keys = lavis_names(repo[1].state_dict())
+    # a pickle carrying code: refused before anything in it runs
+    opened = tmp_path / "opened"
+
+    class Opens:
+        def __reduce__(self):
+            return (open, (str(opened), "w"))
+
+    torch.save({"model": keys, "args": Opens()}, tmp_path / "poisoned.pth")
+    with pytest.raises(UserError, match="refusing to load .*poisoned.pth: it holds pickled objects"):
+        checkpoints.projector_weights(str(tmp_path / "poisoned.pth"), expected=fresh_projector(ours[0]))
+    assert not opened.exists()
+    # EVA-CLIP-g's Q-Former (1408 wide) into a CLIP-L model (1024), and the other way round
+    for have, want, fits in [(1408, 1024, "blip2_pretrained_vitL.pth"), (1024, 1408, "blip2_pretrained.pth")]:
+        torch.save({"model": lavis_names(fresh_projector(ours[0], have).state_dict())}, tmp_path / f"{have}.pth")
+        with pytest.raises(UserError, match=f"vision tower {have} wide.*features {want} wide.*LAVIS's {fits}"):
+            checkpoints.projector_weights(str(tmp_path / f"{have}.pth"), expected=fresh_projector(ours[0], want))
+    # a stage-2 checkpoint, whose Q-Former lost its text side (LAVIS's blip2_opt.py deletes it)
+    textless = {k: v for k, v in keys.items() if "word_embeddings" not in k and not
+                any(f".{n}.dense" in k and "attention" not in k for n in ("intermediate", "output"))}
+    torch.save({"model": textless}, tmp_path / "stage2.pth")
+    with pytest.raises(UserError, match="without its text side.*pass the stage-1 checkpoint"):
+        checkpoints.projector_weights(str(tmp_path / "stage2.pth"), expected=fresh_projector(ours[0]))
+    # other Q-Former sizes than --qformer's, and a LLaVA projector
+    torch.save({"model": {k: v for k, v in keys.items() if ".layer.2." not in k}}, tmp_path / "two_layers.pth")
+    with pytest.raises(UserError, match="layer.2.* not there.*not those of --qformer"):
+        checkpoints.projector_weights(str(tmp_path / "two_layers.pth"), expected=fresh_projector(ours[0]))
+    torch.save({"model": keys}, tmp_path / "ok.pth")
+    with pytest.raises(UserError, match="BLIP-2's Q-Former.*pass --projector-type qformer"):
+        checkpoints.projector_weights(str(tmp_path / "ok.pth"), expected=Projector("mlp2x_gelu", 24, 32))
+
+
+def test_a_run_starts_from_the_blip2_qformer(backbones, tmp_path, capsys):
+    """--init-from blip2_pretrained_vitL.pth in train.py: the run's initial projector is the checkpoint's Q-Former,
+    with a fresh language_projection of the run's LLM width."""
+    import finetune
+    import train
+    from model import LlavaModel
+    from qformer import QFormerConfig, QFormerProjector
+    from tools.tiny import bert_tokenizer
+
+    vision, llm = backbones
+    sizes = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_query_tokens=4,
+                 vocab_size=200)
+    torch.manual_seed(7)
+    source = QFormerProjector(QFormerConfig(**sizes), vision_hidden=32, text_hidden=8)  # (CLIP's width; any LLM)
+    lavis = lavis_names(source.state_dict())
+    torch.save({"model": {**lavis, **LAVIS_EXTRAS}}, tmp_path / "blip2_pretrained_vitL.pth")
+    bert_tokenizer().save_pretrained(tmp_path / "bert")
+    (tmp_path / "data.json").write_text("[]")
+    cfg = train.parse_config(["--vision-tower", vision, "--llm", llm, "--data-path", str(tmp_path / "data.json"),
+                              "--output-dir", str(tmp_path / "out"), "--projector-type", "qformer", "--qformer",
+                              json.dumps(sizes), "--qformer-tokenizer", str(tmp_path / "bert"), "--init-from",
+                              str(tmp_path / "blip2_pretrained_vitL.pth")], finetune.STAGE_2, {}, "")
+    model = LlavaModel.from_config(cfg.model_config(), empty=True)
+    full = train.initial_weights(cfg, model)
+    assert "freshly initialised" in capsys.readouterr().out
+    for name, tensor in source.state_dict().items():
+        if not name.startswith("language_projection."):
+            assert torch.equal(full[f"multi_modal_projector.{name}"], tensor), name
+    assert full["multi_modal_projector.language_projection.weight"].shape == (48, 32)  # the run's LLM is 48 wide
