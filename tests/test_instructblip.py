@@ -291,3 +291,57 @@ def test_a_run_starts_from_the_blip2_qformer(backbones, tmp_path, capsys):
         if not name.startswith("language_projection."):
             assert torch.equal(full[f"multi_modal_projector.{name}"], tensor), name
     assert full["multi_modal_projector.language_projection.weight"].shape == (48, 32)  # the run's LLM is 48 wide
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The other direction: tools/convert.py export of a qformer model to transformers' InstructBLIP
+
+
+def test_export_to_transformers_instructblip(repo, tmp_path):
+    """A qformer model (the repo's, its Q-Former and LLM changed as fine-tuning would, saved in our layout) exported:
+    transformers' InstructBlipForConditionalGeneration loads it and computes our logits, and the exported
+    InstructBlipProcessor gives our ids."""
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from tools.convert import main as convert, write_with_tokenizer
+
+    folder, _, _, paths = repo
+    model, fmt, processor = generate.load(folder)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("vision_tower."):
+                p.add_(torch.randn_like(p) * 0.05)
+    write_with_tokenizer(model, folder, str(tmp_path / "tuned"))
+    convert(["export", str(tmp_path / "tuned"), str(tmp_path / "hf")])
+    hf = InstructBlipForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    hf_processor = InstructBlipProcessor.from_pretrained(str(tmp_path / "hf"))
+    images = [Image.open(p).convert("RGB") for p in paths]
+    theirs = hf_processor(images=images, text=QUESTIONS, return_tensors="pt", padding=True)
+    ids, mask, pixels, inst = batch(fmt, processor, paths, QUESTIONS)
+    hf_ids = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, hf.config.image_token_index)
+    assert torch.equal(theirs["input_ids"], hf_ids) and torch.equal(theirs["attention_mask"], mask)
+    assert torch.equal(theirs["qformer_input_ids"], inst["instruction_ids"])
+    with torch.no_grad():
+        reference = hf(**theirs).logits
+        logits = model(ids, mask, pixels, instruction_ids=inst["instruction_ids"],
+                       instruction_mask=inst["instruction_mask"])
+    torch.testing.assert_close(logits[mask.bool()], reference[mask.bool()], rtol=0, atol=1e-5)
+
+
+def test_a_qformer_on_a_clip_tower_does_not_export_as_instructblip(backbones, tmp_path):
+    """transformers' InstructBLIP has no CLIP tower read at layer -2: such a model is refused, not exported wrong."""
+    from model import LlavaConfig, LlavaModel
+    from tools.convert import export_instructblip_hf
+    from tools.tiny import bert_tokenizer
+
+    vision, llm = backbones
+    bert = bert_tokenizer()
+    bert.save_pretrained(tmp_path / "bert")
+    sizes = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_query_tokens=4,
+                 vocab_size=200)
+    model = LlavaModel.from_config(LlavaConfig(vision_tower=vision, llm=llm, projector_type="qformer", qformer=sizes,
+                                               qformer_tokenizer=str(tmp_path / "bert")))
+    with pytest.raises(ValueError, match="reads a clip_vision_model at layer -2 .*no equivalent there"):
+        export_instructblip_hf(model, data.load_tokenizer(llm), data.load_image_processor(vision), bert,
+                               str(tmp_path / "out"))
