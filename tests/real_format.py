@@ -16,6 +16,12 @@ formats and dtypes the real one does:
                                       transformers' convert_llava_weights_to_hf.py does (<image> and <pad> added,
                                       the vocabulary padded to a multiple of 64), in the v4 key layout, 3 safetensors
                                       shards, tokenizer.json, the processor's files
+  Salesforce/instructblip-vicuna-7b  transformers' InstructBLIP (model_type "instructblip"), as its converter
+                                      (convert_instructblip_original_to_pytorch.py) makes it: safetensors shards +
+                                      index, the LLM tokenizer with LAVIS's quirks (BOS and UNK "</s>", "[PAD]"
+                                      added; "<image>" too), the BERT tokenizer in qformer_tokenizer/ ("[DEC]" added),
+                                      a BlipImageProcessor; written with transformers' classes (no copy of the real
+                                      config.json is in tools/real_configs/)
 
 Real repos hold more than that (safetensors copies, READMEs); a loader that works on these reads the real ones.
 """

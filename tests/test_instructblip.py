@@ -74,6 +74,13 @@ def test_our_ids_are_its_processors(ours, repo):
         assert fmt.prompt(conversation(question)) == ids
         assert ids[model.num_image_tokens] == fmt.tokenizer.convert_tokens_to_ids("</s>")  # the quirk: BOS "</s>"
         assert fmt.instructions(conversation(question)) == [theirs["qformer_input_ids"][0]]
+        # a training sample: LAVIS's (blip2_vicuna_instruct.py concat_text_input_output) the prompt's ids, then the
+        # reply + "</s>" tokenized on its own without its BOS; only the reply supervised
+        reply = "A cat on a mat."
+        ids_, labels = fmt.encode(conversation(question) + [{"role": "assistant", "content": reply}])
+        output = fmt.tokenizer(reply + fmt.tokenizer.eos_token).input_ids[1:]
+        assert ids_ == ids + output
+        assert labels == [data.IGNORE_INDEX] * len(ids) + output
 
 
 def batch(fmt, processor, paths, questions, side="right"):
