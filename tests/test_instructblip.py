@@ -156,7 +156,7 @@ def test_evaluate_run_on_the_repo_from_a_hub(repo, tmp_path):
     question = {"question_id": 3, "image": os.path.basename(paths[0]), "text": QUESTIONS[0]}
     (tmp_path / "questions.jsonl").write_text(json.dumps(question) + "\n")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # (fp32 on the CPU, as the reference: a GPU runs bf16)
     with serve({rf.INSTRUCTBLIP: folder}) as hub:
         env["HF_ENDPOINT"] = hub.url
         result = subprocess.run([sys.executable, "evaluate.py", "run", "--model", rf.INSTRUCTBLIP, "--questions",
