@@ -15,14 +15,18 @@ The layouts, recognised from config.json (docs/llava.md section 7):
   `model.*` + `lm_head.*` in .bin shards, the projector as `model.mm_projector.{0,2}.*`; its stage-1 output is
   config.json + mm_projector.bin, whose LLM is the base model it was trained on (`model_base`).
 - transformers' LlavaForConditionalGeneration (the llava-hf repos), read by transformers itself.
+- transformers' InstructBlipForConditionalGeneration (Salesforce/instructblip-vicuna-7b): read by transformers, its
+  Q-Former copied into our qformer projector (from_instructblip_hf), its two tokenizers and BlipImageProcessor used.
 - a LoRA run's output (ours, plus PEFT's adapter_config.json + adapter_model.safetensors; lora.py): the projector in
   model.safetensors, the adapters put on their base LLM as they load (config.llm, or the whole LLaVA model the run
   started from, config.json's "lora_base"). tools/convert.py merge folds them in.
+And for --init-from alone: BLIP-2's stage-1 Q-Former in LAVIS's checkpoint (blip2_pretrained_vitL.pth for CLIP-L),
+renamed to ours (lavis_qformer_weights); it has no language_projection, which starts fresh.
 
-Nothing loaded from a file runs code: safetensors, or torch.load(weights_only=True) for .bin files, and a training
-run's sharded state (load_sharded) with its pickles checked first. A file that is
-cut, corrupt or inconsistent with the rest is a UserError naming it. Every file is written to a temporary name,
-flushed to disk and renamed, so a crash or a power cut leaves the old file or the new one.
+Nothing loaded from a file runs code: safetensors, or torch.load(weights_only=True) for .bin and .pth files, and a
+training run's sharded state (load_sharded) with its pickles checked first. A file that is cut, corrupt or
+inconsistent with the rest is a UserError naming it. Every file is written to a temporary name, flushed to disk and
+renamed, so a crash or a power cut leaves the old file or the new one.
 """
 
 import errno
@@ -39,15 +43,17 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 
 import lora
 from data import UserError, load_tokenizer
-from model import LlavaConfig, LlavaModel, add_im_start_end, first_line, from_pretrained_complete, grow_vocab, \
-    load_vision_tower, looks_like_hub_id, params_on_meta, quiet_transformers, reading, resolve
+from model import QFORMER_TOKENIZER, LlavaConfig, LlavaModel, add_im_start_end, first_line, from_pretrained_complete, \
+    grow_vocab, load_vision_tower, looks_like_hub_id, params_on_meta, quiet_transformers, reading, resolve
+from qformer import QFormerConfig, QFormerProjector
 
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
 BACKBONES = {"vision_tower": ("vision_tower", "vision tower"), "llm": ("language_model", "LLM")}  # field: module, name
 LORA_BASE = "lora_base"  # config.json's field naming the whole model whose LLM a LoRA run's adapters sit on
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 LAYOUTS = ("ours (checkpoints.save: projector_type, vision_config, text_config), the original LLaVA's (mm_vision_tower "
-           "and the other mm_* keys) and transformers' Llava (model_type \"llava\", the llava-hf repos)")
+           "and the other mm_* keys), transformers' Llava (model_type \"llava\", the llava-hf repos) and transformers' "
+           "InstructBLIP (model_type \"instructblip\", the Salesforce/instructblip-vicuna-* repos)")
 
 
 def save(model, path, modules=MODULES, state_dict=None, max_shard_bytes=5 * 2**30, lora_base=None, extra=()):
@@ -130,6 +136,8 @@ def load(path, dtype=None, model_base=None):
             model = from_original_llava(path, saved, model_base)
         elif saved.get("model_type") == "llava":
             model = from_llava_hf(path)
+        elif saved.get("model_type") == "instructblip":
+            model = from_instructblip_hf(path)
         elif {"projector_type", "vision_config", "text_config"} & saved.keys():
             model = from_our_layout(path, saved)
         else:
@@ -152,14 +160,17 @@ def read_config(path):
 def projector_weights(path, expected=None):
     """The projector's weights (our names) from any checkpoint that has one: ours, the original LLaVA's (a full
     model, or stage 1's mm_projector.bin: the file, its directory, or a hub repo holding it, as
-    liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 does), or llava-hf's. `expected` is the Projector they
-    are for: weights of another projector type or width are refused, saying which each is. Every error's message
-    starts with `path` (train.py names the flag before it)."""
+    liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 does), llava-hf's, or BLIP-2's stage-1 Q-Former (a
+    LAVIS .pth, blip2_pretrained_vitL.pth: lavis_qformer_weights). `expected` is the Projector they are for: weights
+    of another projector type or width are refused, saying which each is. Every error's message starts with `path`
+    (train.py names the flag before it)."""
     path, state = stage_one_weights(path)
+    if any(k.startswith(LAVIS_QFORMER) for k in state):
+        return lavis_qformer_weights(state, path, expected)
     out = {name: v for k, v in state.items() if (name := projector_name(k))}
     if not out:
-        raise UserError(f"{path} holds no projector weights (multi_modal_projector.* or LLaVA's mm_projector.*); "
-                        "pass a stage-1 output or a LLaVA checkpoint")
+        raise UserError(f"{path} holds no projector weights (multi_modal_projector.*, LLaVA's mm_projector.* or "
+                        "LAVIS's Qformer.bert.*); pass a stage-1 output or a LLaVA checkpoint")
     if expected is not None:
         check_projector(out, expected, path)
     return out
@@ -167,13 +178,16 @@ def projector_weights(path, expected=None):
 
 def stage_one_weights(path):
     """(the file or directory read, its tensors) for a stage-1 output: mm_projector.bin (the file, its directory or
-    its hub repo) or one of our directories."""
+    its hub repo), one of our directories, or a LAVIS checkpoint file ({"model": state dict, ...}, as
+    lavis/runners/runner_base.py saves one; read with weights_only=True like any .bin)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         path = resolve(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "mm_projector.bin")):
         path = os.path.join(path, "mm_projector.bin")
-    return path, (read_weights(path) if os.path.isdir(path) else read_file(path))
+    if os.path.isdir(path):
+        return path, read_weights(path)
+    return path, read_file(path) if path.endswith(".safetensors") else load_pickled_tensors(path, nested="model")
 
 
 def token_rows(path, token_ids):
@@ -274,6 +288,74 @@ def projector_name(key):
     return None
 
 
+# BLIP-2's stage-1 Q-Former, from LAVIS's checkpoints (salesforce/LAVIS `lavis/models/blip2_models/blip2_qformer.py`,
+# `Qformer.py`): the Q-Former as Qformer.bert.* (a BertLMHeadModel whose BertLayers have the Q-Former's cross-attention
+# and query FFN), query_tokens, ln_vision; the ViT, the contrastive and matching heads, the MLM head beside them.
+LAVIS_QFORMER = "Qformer.bert."
+LAVIS_TOWERS = {1408: ("EVA-CLIP ViT-g/14", "blip2_pretrained.pth"),  # vision width -> (tower, its checkpoint)
+                1024: ("CLIP ViT-L/14", "blip2_pretrained_vitL.pth")}
+
+
+def lavis_qformer_name(key):
+    """Our QFormerProjector's name for a LAVIS weight, or None for those it has no place for (visual_encoder.*,
+    vision_proj, text_proj, itm_head, temp, Qformer.cls.*, the position_ids buffer). The renames are transformers'
+    (`convert_instructblip_original_to_pytorch.py`): Qformer.bert -> qformer, attention.self -> attention.attention
+    (crossattention too), the embeddings' LayerNorm -> layernorm, ln_vision -> the vision LayerNorm, llm_proj (an
+    InstructBLIP's, stage 2 on) -> language_projection."""
+    if key == "query_tokens":
+        return key
+    for theirs, ours in (("ln_vision.", "vision_layernorm."), ("llm_proj.", "language_projection.")):
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    if not key.startswith(LAVIS_QFORMER) or key.endswith("position_ids"):
+        return None
+    name = key[len(LAVIS_QFORMER):].replace("embeddings.LayerNorm.", "embeddings.layernorm.")
+    return "qformer." + re.sub(r"\.(attention|crossattention)\.self\.", r".\1.attention.", name)
+
+
+def lavis_qformer_weights(state, path, expected=None):
+    """projector_weights for a LAVIS checkpoint. Stage 1 trains no LLM, so it has no language_projection: that one
+    layer stays as the model initialised it, and saying so is printed; anything else missing, or of another shape,
+    is an error. The usual mistake, a checkpoint for another vision tower (EVA-CLIP-g's 1408 wide into CLIP-L's
+    1024), is named as such, with the checkpoint that fits."""
+    out = {name: v for k, v in state.items() if (name := lavis_qformer_name(k))}
+    if expected is None:
+        return out
+    if not isinstance(expected, QFormerProjector):
+        raise UserError(f"{path} holds BLIP-2's Q-Former (a LAVIS checkpoint: Qformer.bert.*); this model's projector "
+                        "is LLaVA's: pass --projector-type qformer")
+    want = {n: tuple(p.shape) for n, p in expected.named_parameters()}
+    have = {n: tuple(v.shape) for n, v in out.items()}
+    width, built = have.get("vision_layernorm.weight", (None,))[0], want["vision_layernorm.weight"][0]
+    if width is not None and width != built:
+        tower, _ = LAVIS_TOWERS.get(width, ("another vision tower", None))
+        fits = LAVIS_TOWERS.get(built)
+        fit = (f"for a {fits[0]} tower (--vision-tower openai/clip-vit-large-patch14 or -336) pass LAVIS's {fits[1]}"
+               if fits else "pass a Q-Former trained on this tower's features")
+        raise UserError(f"{path} is BLIP-2's Q-Former for a vision tower {width} wide ({tower}); this model's "
+                        f"--vision-tower gives features {built} wide: {fit}")
+    lacking = sorted(want.keys() - have.keys())
+    if "qformer.embeddings.word_embeddings.weight" in lacking:
+        raise UserError(f"{path} holds BLIP-2's Q-Former without its text side (its word embeddings and the text's "
+                        "feed-forward layers: BLIP-2's stage-2 checkpoints delete them, blip2_opt.py), which the "
+                        "instruction-aware Q-Former reads the instruction with; pass the stage-1 checkpoint "
+                        "(blip2_pretrained_vitL.pth for CLIP-L)")
+    projection = [n for n in lacking if n.startswith("language_projection.")]
+    others = sorted(set(lacking) - set(projection)) + sorted(have.keys() - want.keys()) + \
+        sorted(n for n in want.keys() & have.keys() if want[n] != have[n])
+    if others:
+        n = others[0]
+        there = f"{list(have[n])} there" if n in have else "not there"
+        here = f"{list(want[n])} in this model" if n in want else "not in this model"
+        raise UserError(f"{path}: the Q-Former tensor {n} is {there}, {here} ({len(others)} tensor(s) differ): "
+                        "its sizes are not those of --qformer (BLIP-2's are BERT-base's, InstructBLIP's defaults: "
+                        "pass no --qformer sizes, or the ones it was trained with)")
+    if projection:
+        print(f"note: {path} is BLIP-2's stage-1 Q-Former, which has no language_projection (stage 1 has no LLM): "
+              "that layer starts freshly initialised, the rest from the checkpoint")
+    return out
+
+
 def check_projector(weights, projector, source):
     """Projector weights must be of the projector's type and widths: loaded into another, they fail as a raw
     "Unexpected key(s)" or size mismatch, or (a linear layer of the right shape in an MLP) silently train wrong."""
@@ -282,6 +364,11 @@ def check_projector(weights, projector, source):
     if have == want:
         return
     found, built = projector_type_of(have), projector_type_of(want)
+    if found == built == "qformer":
+        n = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))[0]
+        raise UserError(f"{source} holds a qformer projector of other sizes ({layers_of(have)}; {n} is "
+                        f"{list(have[n]) if n in have else 'missing'} there) than this model's ({layers_of(want)}): "
+                        "pass the --qformer sizes, --vision-tower and --llm it was trained with")
     if found is None:
         raise UserError(f"{source} holds projector weights of no type this project builds ({', '.join(sorted(have))}); "
                         "pass a checkpoint of a linear or mlpNx_gelu projector")
@@ -293,6 +380,8 @@ def check_projector(weights, projector, source):
 
 
 def projector_type_of(shapes):
+    if "query_tokens" in shapes:
+        return "qformer"
     n = sum(name.endswith(".weight") for name in shapes)
     if not n or set(shapes) != {f"linear_{i}.{p}" for i in range(1, n + 1) for p in ("weight", "bias")}:
         return None
@@ -300,7 +389,13 @@ def projector_type_of(shapes):
 
 
 def layers_of(shapes):
-    """'linear_1 1024→4096, linear_2 4096→4096' (in→out, from the weights' (out, in) shapes)."""
+    """'linear_1 1024→4096, linear_2 4096→4096' (in→out, from the weights' (out, in) shapes); a qformer's sizes."""
+    if projector_type_of(shapes) == "qformer":
+        layers = len({k.split(".")[3] for k in shapes if k.startswith("qformer.encoder.layer.")})
+        queries, width = shapes["query_tokens"][1:]
+        vision = shapes.get("vision_layernorm.weight", ["?"])[0]
+        text = shapes.get("language_projection.weight", ["?"])[0]
+        return f"{layers} layers {width} wide, {queries} queries, vision {vision}→LLM {text}"
     return ", ".join(f"{name.removesuffix('.weight')} {s[1]}→{s[0]}" if len(s) == 2 else f"{name} {list(s)}"
                      for name, s in sorted(shapes.items()) if not name.endswith(".bias"))
 
@@ -310,7 +405,7 @@ def layers_of(shapes):
 
 
 def from_our_layout(path, saved):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config, backbones = our_config(path, saved)
     state = read_weights(path)
@@ -326,7 +421,7 @@ def from_our_layout(path, saved):
 
     if "vision_tower" in present:
         with params_on_meta(), reading(path, "checkpoint"):
-            tower = AutoModel.from_config(sub_config("vision_config"))
+            tower = vision_tower_from_config(sub_config("vision_config"))
     else:
         tower = load_vision_tower(find_backbone(path, "vision_tower", config.vision_tower,
                                                 backbones.get("vision_tower")))
@@ -509,6 +604,71 @@ def from_transformers_llava(hf, source=""):
     for name in ("linear_1", "linear_2"):  # (its Linear layers in our projector, which reads no instruction)
         setattr(model.multi_modal_projector, name, getattr(hf.model.multi_modal_projector, name))
     return model
+
+
+def from_instructblip_hf(path):
+    """transformers' InstructBlipForConditionalGeneration (Salesforce/instructblip-vicuna-7b and -13b), read by
+    transformers itself: its LLM tokenizer at the top (InstructBLIP's Vicuna quirks included: BOS "</s>"), the
+    Q-Former's BERT tokenizer in qformer_tokenizer/, a BlipImageProcessor (a plain resize to 224 x 224)."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    hf = from_pretrained_complete(InstructBlipForConditionalGeneration, path, what="checkpoint")
+    return from_transformers_instructblip(hf, path)
+
+
+def from_transformers_instructblip(hf, source=""):
+    """Our model over the modules of an InstructBlipForConditionalGeneration: its vision model as the tower and its
+    LLM shared, not copied; its Q-Former's weights (query_tokens, qformer.*, language_projection) copied into our
+    QFormerProjector, whose module names are transformers' (qformer.py). transformers applies the vision model's
+    post_layernorm (LAVIS's ln_vision, renamed by transformers' convert_instructblip_original_to_pytorch.py) to its
+    last hidden state before the Q-Former; here the tower gives hidden_states[-1] with CLS (257 features at 224 px)
+    and the projector's vision_layernorm, that LayerNorm's copy, normalises them in fp32 as LAVIS does.
+    The image goes through the processor alone (image_aspect_ratio "crop": BlipImageProcessor resizes to a square,
+    as LAVIS's blip_image_eval does; no padding to a square first)."""
+    c = hf.config
+    q = c.qformer_config
+    if not c.use_decoder_only_language_model:
+        raise UserError(f"{source}: an InstructBLIP with an encoder-decoder LLM ({c.text_config.model_type}, the "
+                        "FLAN-T5 variants); this project's LLaVA runs a decoder-only LLM: use a Vicuna one")
+    if q.hidden_act != "gelu" or getattr(q, "position_embedding_type", "absolute") != "absolute" or \
+            q.encoder_hidden_size != c.vision_config.hidden_size:
+        raise UserError(f"{source}: its Q-Former (hidden_act {q.hidden_act!r}, position_embedding_type "
+                        f"{getattr(q, 'position_embedding_type', None)!r}, encoder_hidden_size "
+                        f"{q.encoder_hidden_size}) is not InstructBLIP's (gelu, absolute, the vision width "
+                        f"{c.vision_config.hidden_size}); qformer.py builds only that one")
+    sizes = QFormerConfig(num_hidden_layers=q.num_hidden_layers, hidden_size=q.hidden_size,
+                          num_attention_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
+                          cross_attention_frequency=q.cross_attention_frequency, num_query_tokens=c.num_query_tokens,
+                          vocab_size=q.vocab_size, max_position_embeddings=q.max_position_embeddings,
+                          pad_token_id=q.pad_token_id, layer_norm_eps=q.layer_norm_eps,
+                          vision_layer_norm_eps=c.vision_config.layer_norm_eps,
+                          hidden_dropout_prob=q.hidden_dropout_prob,
+                          attention_probs_dropout_prob=q.attention_probs_dropout_prob)
+    config = LlavaConfig(vision_tower=source, llm=source, projector_type="qformer", qformer=sizes.to_dict(),
+                         qformer_tokenizer=os.path.join(source, QFORMER_TOKENIZER), vision_feature_layer=-1,
+                         vision_feature_select="cls_patch", template="instructblip", image_aspect_ratio="crop")
+    with params_on_meta():
+        model = llava_model(source, config, hf.vision_model, hf.language_model)
+    state = {}
+    for name, tensor in hf.state_dict().items():
+        if name.startswith(("qformer.", "language_projection.")) or name == "query_tokens":
+            state[name] = tensor
+        elif name.startswith("vision_model.post_layernorm."):
+            state[name.replace("vision_model.post_layernorm.", "vision_layernorm.")] = tensor.clone()
+    own = model.multi_modal_projector.state_dict()
+    state = {k: v for k, v in state.items() if k in own}  # (buffers transformers keeps: the Q-Former's position_ids)
+    assign_weights(model, {f"multi_modal_projector.{k}": v for k, v in state.items()}, source)
+    return model
+
+
+def vision_tower_from_config(config):
+    """The vision tower a saved vision_config describes, on AutoModel's map; InstructBLIP's vision model is not on it
+    (transformers builds it only inside InstructBlipForConditionalGeneration), so it is named here."""
+    from transformers import AutoModel, InstructBlipVisionModel
+
+    if config.model_type == "instructblip_vision_model":
+        return InstructBlipVisionModel(config)
+    return AutoModel.from_config(config)
 
 
 def llava_model(path, config, tower, llm):
@@ -739,8 +899,10 @@ def read_file(file):
                         "or save it again") from None
 
 
-def load_pickled_tensors(path):
-    """A torch.save file of tensors. weights_only=True: a pickle that carries anything else is refused, never run."""
+def load_pickled_tensors(path, nested=None):
+    """A torch.save file of tensors. weights_only=True: a pickle that carries anything else is refused, never run.
+    `nested`: the tensors may instead sit under that key of a dict whose other entries are dropped (LAVIS saves
+    {"model": state dict, "optimizer": ..., "epoch": ...})."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -755,6 +917,8 @@ def load_pickled_tensors(path):
     except Exception as e:  # torch.load meets a cut or foreign file with many kinds of error (OSError, KeyError, ...)
         raise UserError(f"{path}: not a PyTorch weights file (torch.save's zip), or cut short ({type(e).__name__}: "
                         f"{first_line(e)}); fetch it again") from None
+    if nested is not None and isinstance(state, dict) and isinstance(state.get(nested), dict):
+        state = state[nested]
     if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in
                                             state.items())):
         raise UserError(f"{path} holds a {type(state).__name__} rather than named tensors: it is no weights file; "

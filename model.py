@@ -385,6 +385,7 @@ def from_pretrained_complete(model_class, path, what="LLM", **kwargs):
 # What a LLaVA checkpoint or a backbone needs from a hub repo: configs, the tokenizer (tokenizer.json, or
 # SentencePiece's tokenizer.model as Vicuna and liuhaotian/llava-v1.5-* ship it), stage 1's mm_projector.bin, and the
 # weights in one format. Never training_args.bin or optimizer states (pickles), nor a second copy of the weights.
+# (huggingface_hub matches these with fnmatch, whose * crosses "/": InstructBLIP repos' qformer_tokenizer/ comes too.)
 HUB_FILES = ["*.json", "*.jinja", "*.model", "*.txt", "mm_projector.bin"]
 HUB_WEIGHTS = ["*.safetensors", "pytorch_model*.bin"]  # in order of preference
 _snapshots = {}  # (repo id, revision, weights) -> the snapshot resolve() found, once per process

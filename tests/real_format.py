@@ -16,6 +16,12 @@ formats and dtypes the real one does:
                                       transformers' convert_llava_weights_to_hf.py does (<image> and <pad> added,
                                       the vocabulary padded to a multiple of 64), in the v4 key layout, 3 safetensors
                                       shards, tokenizer.json, the processor's files
+  Salesforce/instructblip-vicuna-7b  transformers' InstructBLIP (model_type "instructblip"), as its converter
+                                      (convert_instructblip_original_to_pytorch.py) makes it: safetensors shards +
+                                      index, the LLM tokenizer with LAVIS's quirks (BOS and UNK "</s>", "[PAD]"
+                                      added; "<image>" too), the BERT tokenizer in qformer_tokenizer/ ("[DEC]" added),
+                                      a BlipImageProcessor; written with transformers' classes (no copy of the real
+                                      config.json is in tools/real_configs/)
 
 Real repos hold more than that (safetensors copies, READMEs); a loader that works on these reads the real ones.
 """
@@ -315,3 +321,87 @@ def finetune_data(folder):
     ]
     write_json(os.path.join(folder, "finetune.json"), samples)
     return os.path.join(folder, "finetune.json")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# InstructBLIP in transformers' layout
+
+
+INSTRUCTBLIP = "Salesforce/instructblip-vicuna-7b"
+IB_VISION_SIZES = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                       patch_size=14)  # 2 x 2 patches + CLS = 5 features
+IB_QFORMER_SIZES = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                        encoder_hidden_size=24)  # 3 layers: cross-attention in 0 and 2
+
+
+def instructblip_tokenizers(folder):
+    """The two tokenizers as transformers' convert_instructblip_original_to_pytorch.py makes them, on the tiny
+    SentencePiece model: the LLM's a Llama tokenizer with bos and unk "</s>" (LAVIS's blip2_vicuna_instruct.py
+    overrides them so), pad "[PAD]" added, and the "<image>" token InstructBlipProcessor adds; the Q-Former's a BERT
+    tokenizer (tools/tiny.py's, uncased) with "[DEC]" added as its bos, truncating from the left as LAVIS does."""
+    from transformers import AddedToken, AutoTokenizer
+
+    from tools.tiny import bert_tokenizer
+
+    sp = os.path.join(folder, "sentencepiece")
+    write_tokenizer(sp)
+    tokenizer = AutoTokenizer.from_pretrained(sp, bos_token="</s>", unk_token="</s>", truncation_side="left")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    tokenizer.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+    qformer = bert_tokenizer(extra=CORPUS)
+    qformer.truncation_side = "left"
+    qformer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer, qformer, os.path.join(sp, "tokenizer.model")
+
+
+def instructblip_model(tokenizer, qformer_tokenizer, num_query_tokens=4, seed=2, std=0.3):
+    """A tiny random InstructBlipForConditionalGeneration over a Llama, fp32, every weight drawn from N(0, std): at
+    BERT's 0.02 initialisation the Q-Former barely mixes anything, and differences would not show."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipQFormerConfig, \
+        InstructBlipVisionConfig, LlamaConfig
+
+    text = {k: v for k, v in vicuna_config().items() if k not in ("torch_dtype", "dtype")}  # (fp32, not Vicuna's fp16)
+    text = LlamaConfig(**{**text, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
+    config = InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig(**IB_VISION_SIZES).to_dict(),
+        qformer_config=InstructBlipQFormerConfig(**IB_QFORMER_SIZES, vocab_size=len(qformer_tokenizer)).to_dict(),
+        text_config=text.to_dict(), num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, std)
+    return model
+
+
+def instructblip_repo(folder, seed=2):
+    """A tiny Salesforce/instructblip-vicuna-7b: config.json (model_type "instructblip": vision_config,
+    qformer_config, text_config, num_query_tokens, image_token_index), safetensors shards + index,
+    generation_config.json, the LLM tokenizer at the top (tokenizer.json, tokenizer.model, tokenizer_config.json,
+    special_tokens_map.json), qformer_tokenizer/, preprocessor_config.json (BlipImageProcessor, OpenAI-CLIP's mean
+    and std) and processor_config.json. Returns (folder, the model, its processor)."""
+    import shutil
+
+    from transformers import BlipImageProcessor, InstructBlipProcessor
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    os.makedirs(folder, exist_ok=True)
+    sources = os.path.join(os.path.dirname(folder), os.path.basename(folder) + "-src")  # (not in the repo)
+    tokenizer, qformer, sp_model = instructblip_tokenizers(sources)
+    model = instructblip_model(tokenizer, qformer, seed=seed)
+    model.save_pretrained(folder, max_shard_size="200KB")
+    tokenizer.save_pretrained(folder)
+    shutil.copy(sp_model, os.path.join(folder, "tokenizer.model"))
+    write_json(os.path.join(folder, "special_tokens_map.json"), {"bos_token": "</s>", "eos_token": "</s>",
+                                                                  "pad_token": "[PAD]", "unk_token": "</s>"})
+    qformer.save_pretrained(os.path.join(folder, "qformer_tokenizer"))
+    side = IB_VISION_SIZES["image_size"]
+    images = BlipImageProcessor(size={"height": side, "width": side}, image_mean=OPENAI_CLIP_MEAN,
+                                image_std=OPENAI_CLIP_STD)
+    images.save_pretrained(folder)
+    write_json(os.path.join(folder, "processor_config.json"),
+               {"num_query_tokens": model.config.num_query_tokens, "processor_class": "InstructBlipProcessor"})
+    processor = InstructBlipProcessor(image_processor=images, tokenizer=tokenizer, qformer_tokenizer=qformer,
+                                      num_query_tokens=model.config.num_query_tokens)
+    return folder, model, processor

@@ -4,6 +4,7 @@
     python tools/convert.py import DIR_WITH_mm_projector.bin out/stage1 --model-base lmsys/vicuna-7b-v1.5
     python tools/convert.py import llava-hf/llava-1.5-7b-hf out/llava-1.5-7b               # transformers' layout
     python tools/convert.py export runs/toy/finetune out/toy-hf                            # ours -> llava-hf
+    python tools/convert.py export runs/instructblip-ft out/ib-hf      # a qformer model -> transformers' InstructBLIP
     python tools/convert.py merge runs/lora out/merged                 # a LoRA run's adapters folded into a full model
     python tools/convert.py apply-delta liuhaotian/LLaVA-13b-delta-v1-1 out/llava-13b-v1-1 --model-base LLAMA_13B_DIR
 
@@ -14,11 +15,13 @@ a directory that transformers' LlavaForConditionalGeneration.from_pretrained and
 vision_feature_layer and vision_feature_select_strategy set, LLaVA's pad-to-square kept in the image processor, and
 a chat template (chat_template.jinja, read by the processor and the tokenizer) that renders the model's own prompt,
 system prompt included, so apply_chat_template (lmms-eval's llava_hf, vLLM, other servers) prompts it as it was
-trained. llava-hf's own template drops the system prompt. `merge` loads a LoRA run's output (PEFT's adapter files
-and the projector, on their base), adds each adapter's (alpha / r) B A to its base weight and writes the whole model
-in our layout, which then exports like any other. `apply-delta` turns the first paper's released delta weights into
-the model (target = base + delta, checkpoints.apply_delta; LLaVA's `llava/model/apply_delta.py`), in the original
-layout with the delta's config and tokenizer (its added <im_start>/<im_end>): load or `import` it like any other.
+trained. llava-hf's own template drops the system prompt. A qformer model whose tower is InstructBLIP's own (one
+loaded or fine-tuned from Salesforce/instructblip-*) exports as InstructBlipForConditionalGeneration instead.
+`merge` loads a LoRA run's output (PEFT's adapter files and the projector, on their base), adds each adapter's
+(alpha / r) B A to its base weight and writes the whole model in our layout, which then exports like any other.
+`apply-delta` turns the first paper's released delta weights into the model (target = base + delta,
+checkpoints.apply_delta; LLaVA's `llava/model/apply_delta.py`), in the original layout with the delta's config and
+tokenizer (its added <im_start>/<im_end>): load or `import` it like any other.
 Nothing pickled is ever executed: safetensors, or torch.load(weights_only=True) for .bin files.
 """
 
@@ -39,7 +42,7 @@ from data import UserError, load_tokenizer_and_processor, render  # noqa: E402
 import checkpoints  # noqa: E402
 import lora  # noqa: E402
 from generate import USER_ERRORS, exit_with  # noqa: E402
-from model import params_on_meta  # noqa: E402
+from model import load_instruction_tokenizer, params_on_meta  # noqa: E402
 
 
 def import_checkpoint(source, out, model_base=None, template=None):
@@ -219,6 +222,66 @@ def export_llava_hf(model, tokenizer, image_processor, out):
     return hf
 
 
+def export_instructblip_hf(model, tokenizer, image_processor, instruction_tokenizer, out):
+    """Our qformer model as transformers' InstructBlipForConditionalGeneration + InstructBlipProcessor in `out` (the
+    layout of Salesforce/instructblip-vicuna-7b): the tower must be InstructBLIP's own vision model read at its last
+    layer with CLS (a model loaded from, or fine-tuned from, such a repo), since transformers' InstructBLIP feeds the
+    Q-Former exactly that, through the vision model's post_layernorm: our projector's vision_layernorm goes there.
+    `<image>` is added to the tokenizer (the embeddings grown by a row) as image_token_index; the Q-Former's tokenizer
+    goes to qformer_tokenizer/. transformers' processor writes InstructBLIP's prompt ([image][BOS] text), which is
+    the instructblip template's."""
+    from transformers import AddedToken, InstructBlipConfig, InstructBlipForConditionalGeneration, \
+        InstructBlipProcessor, InstructBlipQFormerConfig
+
+    c, tower = model.config, model.vision_tower
+    if c.projector_type != "qformer":
+        raise ValueError(f"transformers' InstructBLIP has a Q-Former; a {c.projector_type} projector has no "
+                         "equivalent there (export it as transformers' Llava: a mlp2x_gelu one)")
+    q = model.multi_modal_projector.config
+    last_layer = c.vision_feature_layer in (-1, tower.config.num_hidden_layers)
+    if tower.config.model_type != "instructblip_vision_model" or not last_layer or \
+            c.vision_feature_select != "cls_patch" or q.vision_layer_norm_eps != tower.config.layer_norm_eps:
+        raise ValueError(f"transformers' InstructBLIP reads its own vision model's last layer with CLS, through a "
+                         f"LayerNorm of the tower's eps; this model reads a {tower.config.model_type} at layer "
+                         f"{c.vision_feature_layer} ({c.vision_feature_select}), LayerNorm eps "
+                         f"{q.vision_layer_norm_eps}: it has no equivalent there")
+    if c.template != "instructblip":
+        warnings.warn(f"transformers' InstructBlipProcessor writes InstructBLIP's prompt, not the {c.template!r} "
+                      "template's; write this model's prompts yourself")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    text_config = copy.deepcopy(model.language_model.config)
+    text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
+    qformer = InstructBlipQFormerConfig(
+        vocab_size=q.vocab_size, hidden_size=q.hidden_size, num_hidden_layers=q.num_hidden_layers,
+        num_attention_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
+        hidden_dropout_prob=q.hidden_dropout_prob, attention_probs_dropout_prob=q.attention_probs_dropout_prob,
+        max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
+        pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_frequency,
+        encoder_hidden_size=tower.config.hidden_size)
+    config = InstructBlipConfig(vision_config=tower.config.to_dict(), qformer_config=qformer.to_dict(),
+                                text_config=text_config.to_dict(), num_query_tokens=q.num_query_tokens,
+                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    with params_on_meta():
+        hf = InstructBlipForConditionalGeneration(config)
+    state = {f"vision_model.{k}": v for k, v in tower.state_dict().items()}
+    for k, v in model.multi_modal_projector.state_dict().items():
+        state[k.replace("vision_layernorm.", "vision_model.post_layernorm.")] = v
+    state.update({f"language_model.{k}": v for k, v in model.language_model.state_dict().items()})
+    for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):  # <image>'s new row
+        rows = text_config.vocab_size - state[name].shape[0]
+        if rows:
+            state[name] = torch.cat([state[name], state[name].mean(0, keepdim=True).expand(rows, -1)])
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    assert not unexpected and not [n for n, p in hf.named_parameters() if p.is_meta], (missing, unexpected)
+    hf.save_pretrained(out)
+    processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                      qformer_tokenizer=instruction_tokenizer, num_query_tokens=q.num_query_tokens)
+    processor.save_pretrained(out)
+    image_processor.save_pretrained(out)  # preprocessor_config.json too, as the Salesforce repos have it
+    return hf
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("direction", choices=["import", "export", "merge", "apply-delta"])
@@ -244,7 +307,12 @@ def main(argv=None):
         else:
             model = checkpoints.load(args.source)
             tokenizer, processor = load_tokenizer_and_processor(args.source, model.config)
-            export_llava_hf(model, tokenizer, processor, args.out)
+            if model.config.projector_type == "qformer":
+                local = args.source if os.path.isdir(args.source) else checkpoints.resolve(args.source, weights=False)
+                export_instructblip_hf(model, tokenizer, processor, load_instruction_tokenizer(model.config, local),
+                                       args.out)
+            else:
+                export_llava_hf(model, tokenizer, processor, args.out)
     except (*USER_ERRORS, ValueError) as e:  # ValueError: a model this conversion has no equivalent for
         exit_with(e)
     done = "applied delta" if args.direction == "apply-delta" else args.direction.removesuffix("e") + "ed"
