@@ -161,11 +161,11 @@ class TokensToHost:
     price: the loop learns that every sequence has ended `lag` steps late and queues that many steps for nothing. On
     a CPU there is nothing to overlap: put() hands back the tokens of its own step."""
 
-    def __init__(self, device, batch, lag=1):
-        self.lag = lag if device.type == "cuda" else 0
-        if self.lag:
-            self.slots = [torch.empty(batch, dtype=torch.long, pin_memory=True) for _ in range(self.lag + 1)]
-            self.events = [torch.cuda.Event() for _ in range(self.lag + 1)]
+    def __init__(self, device, batch, lag=None):
+        cuda = device.type == "cuda"
+        self.lag = (1 if cuda else 0) if lag is None else lag  # a lag on a CPU: only to test the bookkeeping
+        self.slots = [torch.empty(batch, dtype=torch.long, pin_memory=cuda) for _ in range(self.lag + 1)]
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(self.lag + 1)]
         self.pending, self.count = [], 0
 
     def put(self, token):
@@ -173,7 +173,8 @@ class TokensToHost:
             return [token.tolist()]
         n = self.count % (self.lag + 1)
         self.slots[n].copy_(token, non_blocking=True)
-        self.events[n].record()
+        if self.events[n] is not None:
+            self.events[n].record()
         self.pending.append(n)
         self.count += 1
         return self.drain(keep=self.lag)
@@ -182,7 +183,8 @@ class TokensToHost:
         ready = []
         while len(self.pending) > keep:
             n = self.pending.pop(0)
-            self.events[n].synchronize()
+            if self.events[n] is not None:
+                self.events[n].synchronize()
             ready.append(self.slots[n].tolist())
         return ready
 
