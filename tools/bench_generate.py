@@ -7,7 +7,8 @@ Random weights with the real shapes; batch 1; a prompt of one image + `--text-to
 ignored so both write exactly --new-tokens tokens. Reports time to first token (prefill + first token), decode
 tokens/s (the tokens after the first), and on a GPU the fraction of the memory-bandwidth roofline (each token reads
 the LLM's weights and the KV cache once, so tokens/s can reach at most bandwidth / those bytes). Median of --repeats
-runs after a warm-up.
+runs after a warm-up, the runs interleaved (a round of each per repeat: on a shared machine the load falls on
+all alike).
 """
 
 import argparse
@@ -48,7 +49,7 @@ def build(size, dtype, device):
     with torch.device(device):
         hf = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=31999))
     hf = hf.to(dtype).eval()
-    return hf, from_transformers_llava(hf).eval()
+    return hf, from_transformers_llava(hf, f"random {size}").eval()  # (the source only names it in errors)
 
 
 def timed(fn, device):
@@ -102,8 +103,14 @@ def main(argv=None):
             runs.append(("ours --compile", lambda n: run_ours(n, static)))
         for name, make in runs:
             make(args.new_tokens)()  # warm-up (and compilation)
-            first = statistics.median(timed(make(1), device) for _ in range(args.repeats))
-            full = statistics.median(timed(make(args.new_tokens), device) for _ in range(args.repeats))
+        # Interleaved, a round of every run per repeat: on a shared machine the load then falls on all of them alike
+        times = {name: ([], []) for name, _ in runs}
+        for _ in range(args.repeats):
+            for name, make in runs:
+                times[name][0].append(timed(make(1), device))
+                times[name][1].append(timed(make(args.new_tokens), device))
+        for name, (firsts, fulls) in times.items():
+            first, full = statistics.median(firsts), statistics.median(fulls)
             results[name] = (first, (args.new_tokens - 1) / (full - first))
 
     llm_bytes = sum(p.numel() * p.element_size() for p in ours.language_model.parameters()) + \
