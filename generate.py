@@ -10,10 +10,10 @@ DynamicCache, which grows a column per step; or, with --compile, StaticDecoder o
 allocated once and reset in place, so that every step of every call has the same shapes and one compiled step (one
 CUDA graph) serves them all (gpt-fast's recipe for GPUs). The loop never waits for the device: the host reads each
 step's tokens a step late (TokensToHost). Greedy when temperature is 0, else temperature, top-k and top-p sampling
-from a seeded generator. Each sequence stops at EOS or at a stop string on its own. Prompts come from data.ChatFormat, the code that builds training samples,
-so the generation prompt is exactly the training prefix (it ends with "ASSISTANT:" for vicuna_v1). LLaVA's defaults
-(llava/serve/cli.py and llava/eval/run_llava.py in haotian-liu/LLaVA): temperature 0.2, 512 new tokens; benchmarks use
-greedy.
+from a seeded generator. Each sequence stops at EOS or at a stop string on its own. Prompts come from
+data.ChatFormat, the code that builds training samples, so the generation prompt is exactly the training prefix (it
+ends with "ASSISTANT:" for vicuna_v1). LLaVA's defaults (llava/serve/cli.py and llava/eval/run_llava.py in
+haotian-liu/LLaVA): temperature 0.2, 512 new tokens; benchmarks use greedy.
 """
 
 import argparse
