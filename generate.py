@@ -86,8 +86,8 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
     pixel_values holds the images of all prompts, in order; instructions, each image's instruction ids for a
     projector that reads them (ChatFormat.instructions; the qformer's). A sequence ends at an id in eos_ids, or when its
     decoded text contains a stop string (then the ids up to it are kept; needs `tokenizer`). on_token(i, token_id) is
-    called for every new token of sequence i (streaming). decoder: Decoder(model) unless given, e.g. a StaticDecoder(model)
-    (--compile) built once for many calls.
+    called for every new token of sequence i (streaming; on a GPU one step after it was drawn). decoder:
+    Decoder(model) unless given, e.g. a StaticDecoder(model) (--compile) built once for many calls.
     """
     device = next(model.multi_modal_projector.parameters()).device
     batch, width = len(prompts), max(len(p) for p in prompts)
