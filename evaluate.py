@@ -25,7 +25,8 @@ prompt, text, answer_id, model_id, metadata} (MMBench's adds round_id, options, 
 flushed as it goes: a crash loses nothing, and a re-run skips the questions already answered (another model's
 answers file is refused). The question file, its images and the answers file are checked before the model loads.
 Decoding is LLaVA-1.5's benchmark setting (its scripts/v1_5/eval/*.sh): greedy, the model's own template (vicuna_v1),
-"<image>\\n" first in the question.
+"<image>\\n" first in the question. --compile decodes with generate.StaticDecoder, built once for the run: the same
+answers (greedy), a compiled step.
 
 `score NAME` prints a table and writes the metrics as JSON (--out). The rules are in benchmarks.py, one section per
 benchmark, each LLaVA's own (haotian-liu/LLaVA llava/eval/eval_science_qa.py, eval_pope.py, m4c_evaluator.py,
@@ -150,6 +151,9 @@ def answer_all(args, questions, images, model_id, out):
             if answer_key(q[0], q[4].get("round_id"), q[3]) not in done]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, fmt, processor = generate.load(args.model, torch.bfloat16 if device == "cuda" else torch.float32, device)
+    # --compile: one static cache of --batch-size rows and one compiled step for the whole run (the last, smaller
+    # batch runs in the first rows)
+    decoder = generate.StaticDecoder(model, batch=args.batch_size) if args.compile else None
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="answering")
     for start in range(0, len(todo), args.batch_size):
         batch, batch_images = zip(*todo[start:start + args.batch_size])
@@ -159,7 +163,7 @@ def answer_all(args, questions, images, model_id, out):
         pixel_values = torch.stack(pixel_values) if pixel_values else None
         conversations = [[{"role": "user", "content": (IMAGE_TOKEN + "\n" if q[1] else "") + q[2]}] for q in batch]
         texts = generate.answer(model, fmt, conversations, pixel_values, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature)
+                                temperature=args.temperature, decoder=decoder)
         for (qid, _, _, prompt, extra), text in zip(batch, texts):
             out.write(json.dumps({"question_id": qid, "prompt": prompt, "text": text, **extra,
                                   "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}) + "\n")
@@ -253,6 +257,9 @@ def main(argv=None):
                    help="LLaVA: 128 (short answers), 1024 (SQA, Bench)")
     r.add_argument("--temperature", type=generate.non_negative_float, default=0.0)
     r.add_argument("--model-id", default=None)
+    r.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile of the decoding step (CUDA graphs on a GPU), as generate.py's "
+                        "--compile: compiles once at the start, then faster per token")
     s = sub.add_parser("score", help="score an answers file", description="Score an answers file the way LLaVA did. "
                        "`evaluate.py score NAME --help` lists NAME's flags.")
     names = s.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")

@@ -6,13 +6,14 @@
 
 generate() is one loop: a prefill runs the prompts (left-padded, image features spliced in) through the LLM and fills
 its KV cache, then each step feeds one new token per sequence. A decoder does those two: Decoder over transformers'
-DynamicCache, which grows a column per step; or, with --compile, StaticDecoder over a StaticCache preallocated for the
-whole answer, so that every step has the same shapes and one compiled step serves them all (gpt-fast's recipe for
-GPUs). Greedy when temperature is 0, else temperature, top-k and top-p sampling from a seeded generator. Each sequence
-stops at EOS or at a stop string on its own. Prompts come from data.ChatFormat, the code that builds training samples,
-so the generation prompt is exactly the training prefix (it ends with "ASSISTANT:" for vicuna_v1). LLaVA's defaults
-(llava/serve/cli.py and llava/eval/run_llava.py in haotian-liu/LLaVA): temperature 0.2, 512 new tokens; benchmarks use
-greedy.
+DynamicCache, which grows a column per step; or, with --compile, StaticDecoder over one StaticCache per model,
+allocated once and reset in place, so that every step of every call has the same shapes and one compiled step (one
+CUDA graph) serves them all (gpt-fast's recipe for GPUs). The loop never waits for the device: the host reads each
+step's tokens a step late (TokensToHost). Greedy when temperature is 0, else temperature, top-k and top-p sampling
+from a seeded generator. Each sequence stops at EOS or at a stop string on its own. Prompts come from
+data.ChatFormat, the code that builds training samples, so the generation prompt is exactly the training prefix (it
+ends with "ASSISTANT:" for vicuna_v1). LLaVA's defaults (llava/serve/cli.py and llava/eval/run_llava.py in
+haotian-liu/LLaVA): temperature 0.2, 512 new tokens; benchmarks use greedy.
 """
 
 import argparse
@@ -24,6 +25,7 @@ import sys
 import torch
 from huggingface_hub.errors import HFValidationError
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 
 import checkpoints
 from data import IMAGE_TOKEN, V0_SEPARATOR, UserError, load_image, load_tokenizer_and_processor, pad_instructions, \
@@ -84,8 +86,8 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
     pixel_values holds the images of all prompts, in order; instructions, each image's instruction ids for a
     projector that reads them (ChatFormat.instructions; the qformer's). A sequence ends at an id in eos_ids, or when its
     decoded text contains a stop string (then the ids up to it are kept; needs `tokenizer`). on_token(i, token_id) is
-    called for every new token of sequence i (streaming). decoder: Decoder(model) unless given, e.g. a StaticDecoder(model)
-    (--compile) built once for many calls.
+    called for every new token of sequence i (streaming; on a GPU one step after it was drawn). decoder:
+    Decoder(model) unless given, e.g. a StaticDecoder(model) (--compile) built once for many calls.
     """
     device = next(model.multi_modal_projector.parameters()).device
     batch, width = len(prompts), max(len(p) for p in prompts)
@@ -96,24 +98,28 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
         raise ValueError(f"a prompt of {width} tokens (image tokens included) does not fit the LLM's context of "
                          f"{context}; shorten the conversation")
     max_new_tokens = min(max_new_tokens, context - width)
-    # Left padding: every prompt ends at the last column, so each step appends one column for all of them.
-    ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+    # Left padding: every prompt ends at the last column, so each step appends one column for all of them. Built on
+    # the host and moved in one copy each.
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
+    ids, mask = to_device(ids, device), to_device(mask, device)
     if pixel_values is not None:
-        pixel_values = pixel_values.to(device)
+        pixel_values = to_device(pixel_values, device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None and temperature > 0 else None
     eos_ids = set(eos_ids)
     decoder = Decoder(model) if decoder is None else decoder
 
-    image_inputs = {k: v if v is None else v.to(device) for k, v in pad_instructions(list(instructions)).items()}
+    image_inputs = {k: v if v is None else to_device(v, device)
+                    for k, v in pad_instructions(list(instructions)).items()}
     logits = decoder.prefill(model.embed(ids, pixel_values, **image_inputs), mask, width + max_new_tokens)
     new, finished = [[] for _ in range(batch)], [False] * batch
-    for step in range(max_new_tokens):
-        token = next_tokens(logits, temperature, top_k, top_p, generator)
-        for i, t in enumerate(token.tolist()):
+
+    def take(tokens):
+        """The host's part of a step: each unfinished sequence's new token, EOS and stop strings."""
+        for i, t in enumerate(tokens):
             if finished[i]:
                 continue
             if t in eos_ids:
@@ -124,10 +130,64 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=512, temperature=
                 on_token(i, t)
             if stop_strings and any(s in tokenizer.decode(new[i][-8:]) for s in stop_strings):
                 finished[i] = True
+
+    to_host = TokensToHost(device, batch)
+    for step in range(max_new_tokens):
+        token = next_tokens(logits, temperature, top_k, top_p, generator)
+        for tokens in to_host.put(token):  # on a GPU the tokens of the step before: this one is still being computed
+            take(tokens)
         if all(finished) or step == max_new_tokens - 1:
             break
-        logits = decoder.step(token.masked_fill(torch.tensor(finished, device=device), pad_id))  # finished rows idle
+        # A finished sequence goes on decoding whatever it drew (the host may learn of its end a step late); its
+        # tokens are dropped, and a row of the batch never sees another.
+        logits = decoder.step(token)
+    for tokens in to_host.drain():
+        take(tokens)
     return [trim_at_stop(seq, stop_strings, tokenizer) for seq in new]
+
+
+def to_device(tensor, device):
+    """A host tensor onto the device: from pinned memory without blocking on a GPU (the copy overlaps the work queued
+    before it); as it is elsewhere."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class TokensToHost:
+    """Each step's tokens to the host without making the GPU wait for it. A `.tolist()` per token is a sync: the host
+    waits for the step to end, then decides, then queues the next, and the GPU idles meanwhile. Here each step's
+    tokens go to pinned host memory by a non-blocking copy and an event marks when they are there; put() hands back
+    the tokens of `lag` steps before, whose copy has long ended, while the step after them is already queued. The
+    price: the loop learns that every sequence has ended `lag` steps late and queues that many steps for nothing. On
+    a CPU there is nothing to overlap: put() hands back the tokens of its own step."""
+
+    def __init__(self, device, batch, lag=None):
+        cuda = device.type == "cuda"
+        self.lag = (1 if cuda else 0) if lag is None else lag  # a lag on a CPU: only to test the bookkeeping
+        self.slots = [torch.empty(batch, dtype=torch.long, pin_memory=cuda) for _ in range(self.lag + 1)]
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(self.lag + 1)]
+        self.pending, self.count = [], 0
+
+    def put(self, token):
+        if not self.lag:
+            return [token.tolist()]
+        n = self.count % (self.lag + 1)
+        self.slots[n].copy_(token, non_blocking=True)
+        if self.events[n] is not None:
+            self.events[n].record()
+        self.pending.append(n)
+        self.count += 1
+        return self.drain(keep=self.lag)
+
+    def drain(self, keep=0):
+        ready = []
+        while len(self.pending) > keep:
+            n = self.pending.pop(0)
+            if self.events[n] is not None:
+                self.events[n].synchronize()
+            ready.append(self.slots[n].tolist())
+        return ready
 
 
 def trim_at_stop(ids, stop_strings, tokenizer):
@@ -169,53 +229,101 @@ class Decoder:
         self.cache_name = "cache" if "cache" in names else "past_key_values"
 
     def prefill(self, embeds, mask, length):
-        self.mask, self.cache = mask, DynamicCache(config=self.llm.config)
+        self.mask, self.cache, self.position = mask, DynamicCache(config=self.llm.config), positions(mask)[:, -1:]
         return self.logits(embeds, mask, positions(mask))
 
     def step(self, token):
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(token), 1))], dim=1)
-        return self.logits(self.llm.get_input_embeddings()(token[:, None]), self.mask, positions(self.mask)[:, -1:])
+        self.position = self.position + 1
+        return self.logits(self.llm.get_input_embeddings()(token[:, None]), self.mask, self.position)
 
-    def logits(self, embeds, mask, position_ids):
+    def logits(self, embeds, mask, position_ids, cache=None):
         """`embeds` appended to what the cache holds -> the next-token logits of the last position."""
         out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                                  **{self.cache_name: self.cache})
+                                  **{self.cache_name: self.cache if cache is None else cache})
         return self.llm.get_output_embeddings()(out.last_hidden_state[:, -1])
 
 
 class StaticDecoder(Decoder):
-    """--compile: a StaticCache preallocated for the whole answer and an attention mask as long, unfilled columns
-    masked, so every step has the same shapes and one compiled step serves them all. Build one and pass it to every
-    generate() call: the compiled step, and the cache while the batch and length stay, are kept from call to call.
-    compile=False runs the same step eagerly (the CPU tests: compiling costs a minute there)."""
+    """--compile: one StaticCache for the model, allocated once, and a decoding step compiled once for it. Every step
+    then has the same shapes whatever the prompts, so one compiled step (one CUDA graph on a GPU) serves every call:
+    build one StaticDecoder and pass it to every generate() call, every turn of a chat, every batch of an evaluation.
 
-    def __init__(self, model, compile=True):
+    - The cache holds `batch` rows of `length` positions (None: the smallest power of two from 256 that the first
+      call needs, up to the LLM's context). A call needing more grows it, never shrinks it: the one thing that
+      compiles the step again, at most once per doubling. A smaller batch runs in the first rows; the other rows idle.
+    - The prompts go through the LLM eagerly over a DynamicCache of their own length (prompts come in all lengths,
+      and the prefill is one big matmul per weight, little launch overhead to save), and their keys and values are
+      then copied into the static cache; the cache is reset in place, its tensors keep their addresses (a CUDA graph
+      holds them). Positions past the filled ones keep stale values, never attended: the mask covers them.
+    - The step itself updates, on the device, the attention mask (the column the cache writes to next, transformers'
+      own on-device counter `cumulative_length`) and the position ids: the host passes in the token and nothing else.
+
+    compile: True for torch.compile(mode="reduce-overhead") (inductor; CUDA graphs on a GPU), False to run the same
+    step eagerly, or a torch.compile backend (the tests count compilations with a counting backend)."""
+
+    MIN_LENGTH = 256
+
+    def __init__(self, model, compile=True, batch=1, length=None):
         super().__init__(model)
-        self.cache, self.shape, self.one_token = None, None, self.token_logits
-        if compile:  # mode="reduce-overhead": CUDA graphs on a GPU, the whole step replayed as one launch
+        self.batch, self.length, self.cache, self.rows = batch, length, None, 0
+        self.one_token = self.token_logits
+        if compile is True:  # mode="reduce-overhead": CUDA graphs on a GPU, the whole step replayed as one launch
             self.one_token = torch.compile(self.token_logits, mode="reduce-overhead", dynamic=False)
+        elif compile:
+            self.one_token = torch.compile(self.token_logits, backend=compile, dynamic=False)
 
     def prefill(self, embeds, mask, length):
         batch, width = mask.shape
-        length = -(-length // 128) * 128  # rounded up: prompts of similar length share one cache and compiled step
-        if self.shape == (batch, length):
-            self.cache.reset()  # in place: a CUDA graph holds the addresses of its tensors
+        prompt = DynamicCache(config=self.llm.config)
+        logits = self.logits(embeds, mask, positions(mask), cache=prompt)
+        if self.cache is None or batch > self.batch or length > self.length:
+            self.allocate(max(batch, self.batch), length, prompt)
+        for static, layer in zip(self.cache.layers, prompt.layers):
+            static.keys[:batch, :, :width].copy_(layer.keys)
+            static.values[:batch, :, :width].copy_(layer.values)
+            static.cumulative_length.fill_(width)  # where the next token's keys go: the same column for every row
+        self.mask.zero_()
+        self.mask[:batch, :width] = mask.bool()
+        self.mask[batch:, 0] = True  # idle rows attend to one (stale) position: a row that attends to none is NaN
+        self.position.zero_()
+        self.position[:batch] = positions(mask)[:, -1:]
+        self.rows = batch
+        return logits
+
+    def allocate(self, batch, length, prompt):
+        """A cache of `batch` rows and, unless a length was given, the next power of two >= `length` positions (at
+        most the LLM's context); the mask and position ids the step updates in place."""
+        context = self.llm.config.max_position_embeddings
+        if self.length is None or length > self.length:
+            length = min(max(self.MIN_LENGTH, 1 << (length - 1).bit_length()), context)
         else:
-            self.cache, self.shape = StaticCache(config=self.llm.config, max_cache_len=length), (batch, length)
-        self.mask = mask.new_zeros((batch, length))
-        self.mask[:, :width] = mask
-        self.column, prompt_positions = width, positions(mask)
-        self.position = prompt_positions[:, -1:]
-        return self.logits(embeds, self.mask, prompt_positions)  # eager: prompts come in all lengths
+            length = self.length
+        cache = StaticCache(config=self.llm.config, max_cache_len=length)
+        for static, layer in zip(cache.layers, prompt.layers):
+            if type(static) is not StaticLayer:  # e.g. a sliding-window layer: its own bookkeeping, not this one's
+                raise UserError(f"--compile supports LLMs whose layers all attend to the whole context; this one has "
+                                f"{type(static).__name__} layers; decode without --compile")
+            static.lazy_initialization(layer.keys[:1].expand(batch, -1, -1, -1), layer.values[:1].expand(batch, -1,
+                                                                                                        -1, -1))
+        device = prompt.layers[0].keys.device
+        self.cache, self.batch, self.length = cache, batch, length
+        self.mask = torch.zeros((batch, length), dtype=torch.bool, device=device)
+        self.position = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        torch._dynamo.mark_static_address(self.mask)  # mutated by the step: a CUDA graph needs them at fixed
+        torch._dynamo.mark_static_address(self.position)  # addresses, as the cache's own tensors are
 
     def step(self, token):
-        self.mask[:, self.column] = 1
-        self.column, self.position = self.column + 1, self.position + 1
+        if self.rows < self.batch:
+            token = torch.cat([token, token.new_zeros(self.batch - self.rows)])
         # clone: a CUDA graph writes its output into the same memory at every replay
-        return self.one_token(token[:, None], self.position, self.mask).clone()
+        return self.one_token(token[:, None])[:self.rows].clone()
 
-    def token_logits(self, token, position_ids, mask):
-        return self.logits(self.llm.get_input_embeddings()(token), mask, position_ids)
+    def token_logits(self, token):
+        """The compiled step: one token per row -> the next logits, with the mask and positions moved on in place."""
+        self.mask.index_fill_(1, self.cache.layers[0].cumulative_length.view(1), True)
+        self.position.add_(1)
+        return self.logits(self.llm.get_input_embeddings()(token), self.mask, self.position)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -392,7 +500,10 @@ def main(argv=None):
         if args.image:
             check_image(args.image, "--image")  # before the model loads, which takes a while
         model, fmt, processor = load(args.model, dtype, device)
-        decoder = StaticDecoder(model) if args.compile else Decoder(model)
+        # a chat's conversation grows turn by turn: its cache holds the whole context from the start, so that the
+        # step compiles once for the whole chat
+        length = model.language_model.config.max_position_embeddings if args.chat else None
+        decoder = StaticDecoder(model, length=length) if args.compile else Decoder(model)
         if args.chat:
             return chat(model, fmt, processor, decoder, args)
         pixel_values = prepare_images([args.image] if args.image else [], processor, model.config.image_aspect_ratio)

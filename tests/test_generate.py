@@ -85,8 +85,9 @@ def test_kv_cache_equals_recomputing_every_step(models, temperature):
 
 
 def test_static_cache_decoding_equals_the_dynamic_cache(models):
-    """--compile's path (StaticCache, fixed-shape steps), run eagerly here: compiling costs a minute on a CPU. One
-    decoder for all calls, as the CLI holds it: its cache is reset for a batch of the same shape, remade for another."""
+    """--compile's path (StaticCache, fixed-shape steps), run eagerly here (tests/test_speed_decode.py compiles it).
+    One decoder for all calls, as the CLI holds it: its cache is reset in place, and a smaller batch runs in its first
+    rows."""
     _, ours = models
     batch, pixel_values = prompts(ours.num_image_tokens, seed=6)
     static = generate.StaticDecoder(ours, compile=False)

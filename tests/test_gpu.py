@@ -65,11 +65,18 @@ def test_fsdp_over_nccl_trains_bf16_like_fp32(local, tmp_path):
 
 
 def test_compiled_decode_gives_the_eager_tokens(local):
+    """One StaticDecoder for calls of different prompt lengths: the eager tokens, one graph captured, and inductor
+    wraps it in a CUDA graph (a skip, e.g. for a mutated input that is not at a static address, is counted)."""
+    from torch._dynamo.utils import counters
+
     device = torch.device("cuda")
     model = checkpoints.load(local[rf.LLAVA], dtype=torch.bfloat16).to(device).eval()
     ids, pixel_values, _ = batch(model, device)
-    prompt = ids[0, :-1].tolist()
-    eager = generate.generate(model, [prompt], pixel_values, max_new_tokens=24)
+    prompts = [ids[0, :-1].tolist(), ids[0, :-20].tolist(), ids[0, :-1].tolist() + [319, 29, 40]]
+    eager = [generate.generate(model, [p], pixel_values, max_new_tokens=24) for p in prompts]
+    graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
     static = generate.StaticDecoder(model)
-    compiled = [generate.generate(model, [prompt], pixel_values, max_new_tokens=24, decoder=static) for _ in range(2)]
-    assert compiled == [eager, eager] and len(eager[0]) == 24  # the second call replays the compiled step
+    compiled = [generate.generate(model, [p], pixel_values, max_new_tokens=24, decoder=static) for p in prompts]
+    assert compiled == eager and all(len(e[0]) == 24 for e in eager)  # later calls replay the compiled step
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert counters["inductor"]["cudagraph_skips"] - skips == 0

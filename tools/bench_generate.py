@@ -5,9 +5,12 @@
 
 Random weights with the real shapes; batch 1; a prompt of one image + `--text-tokens` text tokens; greedy; EOS
 ignored so both write exactly --new-tokens tokens. Reports time to first token (prefill + first token), decode
-tokens/s (the tokens after the first), and on a GPU the fraction of the memory-bandwidth roofline (each token reads
-the LLM's weights and the KV cache once, so tokens/s can reach at most bandwidth / those bytes). Median of --repeats
-runs after a warm-up.
+tokens/s (the tokens after the first), the ratios of ours to transformers', and on a GPU the fraction of the
+memory-bandwidth roofline (each token reads the LLM's weights and the KV cache once, so tokens/s can reach at most
+bandwidth / those bytes). Median of --repeats runs after a warm-up, and the rate of the fastest runs (the least
+disturbed on a shared machine); the runs interleaved, a round of each per repeat, so that a load falls on all alike.
+
+    python tools/bench_generate.py --compile --hf-compile --repeats 5   # also both compiled decoders
 """
 
 import argparse
@@ -48,7 +51,7 @@ def build(size, dtype, device):
     with torch.device(device):
         hf = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=31999))
     hf = hf.to(dtype).eval()
-    return hf, from_transformers_llava(hf).eval()
+    return hf, from_transformers_llava(hf, f"random {size}").eval()  # (the source only names it in errors)
 
 
 def timed(fn, device):
@@ -62,6 +65,8 @@ def timed(fn, device):
 
 
 def main(argv=None):
+    from transformers import CompileConfig
+
     import generate
     from data import IMAGE_TOKEN_INDEX
 
@@ -72,6 +77,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time generate.py --compile (compiles first)")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="also time transformers' generate with cache_implementation='static', compiled")
     p.add_argument("--json", help="write the numbers here too")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,23 +95,38 @@ def main(argv=None):
     def run_ours(n, decoder=None):
         return lambda: generate.generate(ours, [prompt], pixel_values, max_new_tokens=n, decoder=decoder)
 
-    def run_hf(n):
+    def run_hf(n, **kw):
         return lambda: hf.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixel_values,
-                                   max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                                   max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+    # transformers' own compiled decoding: a static cache, and its forward compiled (on a GPU by itself; on a CPU
+    # only when its compile config allows every device)
+    hf_compile = CompileConfig()
+    hf_compile._compile_all_devices = True
 
     with torch.no_grad():
         assert generate.generate(ours, [prompt], pixel_values, max_new_tokens=8)[0] == \
             run_hf(8)()[0, len(prompt):].tolist(), "the two disagree on greedy tokens"
-        results = {}
+        results, best = {}, {}
         runs = [("ours", run_ours), ("transformers generate", run_hf)]
         if args.compile:
             static = generate.StaticDecoder(ours)  # one for all runs: it compiles once
             runs.append(("ours --compile", lambda n: run_ours(n, static)))
+        if args.hf_compile:
+            runs.append(("transformers static+compile",
+                         lambda n: run_hf(n, cache_implementation="static", compile_config=hf_compile)))
         for name, make in runs:
-            make(args.new_tokens)()  # warm-up (and compilation)
-            first = statistics.median(timed(make(1), device) for _ in range(args.repeats))
-            full = statistics.median(timed(make(args.new_tokens), device) for _ in range(args.repeats))
+            make(args.new_tokens)(), make(1)()  # warm-up (and compilation)
+        # Interleaved, a round of every run per repeat: on a shared machine the load then falls on all of them alike
+        times = {name: ([], []) for name, _ in runs}
+        for _ in range(args.repeats):
+            for name, make in runs:
+                times[name][0].append(timed(make(1), device))
+                times[name][1].append(timed(make(args.new_tokens), device))
+        for name, (firsts, fulls) in times.items():
+            first, full = statistics.median(firsts), statistics.median(fulls)
             results[name] = (first, (args.new_tokens - 1) / (full - first))
+            best[name] = (args.new_tokens - 1) / (min(fulls) - min(firsts))  # the least disturbed runs
 
     llm_bytes = sum(p.numel() * p.element_size() for p in ours.language_model.parameters()) + \
         sum(p.numel() * p.element_size() for p in ours.multi_modal_projector.parameters())
@@ -118,15 +140,20 @@ def main(argv=None):
           f"({n_image} image), {args.new_tokens} new tokens, median of {args.repeats}")
     for name, (ttft, rate) in results.items():
         roofline = f", {rate * (llm_bytes + kv_bytes) / bandwidth:.0%} of the bandwidth roofline" if bandwidth else ""
-        print(f"  {name:<22} time to first token {ttft * 1000:8.1f} ms   decode {rate:8.1f} tokens/s{roofline}")
-    for name in [n for n in results if n.startswith("ours")]:
-        print(f"  {name} / transformers: decode {results[name][1] / results['transformers generate'][1]:.2f}x, "
-              f"TTFT {results['transformers generate'][0] / results[name][0]:.2f}x")
+        print(f"  {name:<28} time to first token {ttft * 1000:8.1f} ms   decode {rate:8.1f} tokens/s (best runs "
+              f"{best[name]:.1f}){roofline}")
+    pairs = [(name, "transformers generate") for name in results if name.startswith("ours")]
+    if "ours --compile" in results and "transformers static+compile" in results:
+        pairs.append(("ours --compile", "transformers static+compile"))
+    for name, baseline in pairs:
+        print(f"  {name} / {baseline}: decode {results[name][1] / results[baseline][1]:.2f}x (best runs "
+              f"{best[name] / best[baseline]:.2f}x), TTFT {results[baseline][0] / results[name][0]:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": where, "size": args.size, "dtype": args.dtype, "prompt_tokens": len(prompt),
                        "new_tokens": args.new_tokens, "repeats": args.repeats,
                        "runs": {name: {"ttft_ms": ttft * 1000, "decode_tokens_per_s": rate,
+                                       "decode_tokens_per_s_best_runs": best[name],
                                        "roofline": rate * (llm_bytes + kv_bytes) / bandwidth if bandwidth else None}
                                 for name, (ttft, rate) in results.items()}}, f, indent=2)
 
