@@ -115,11 +115,18 @@ def answered(path):
     return {answer_key(a["question_id"], a.get("round_id"), a.get("prompt")): a.get("model_id") for a in answers}
 
 
+def in_format(prompt, text):
+    """A question put into --prompt's format ("Question: {} Short answer:", InstructBLIP's for short answers)."""
+    return prompt.replace("{}", text)
+
+
 def run(args):
     """Answer --questions into --answers. Everything a user can get wrong is checked before the model loads: the
     question file, each question's image (it exists, under --image-folder), the answers file it appends to."""
     model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
     questions = chunk(load_questions(args.questions, args.suffix, args.all_rounds), args.num_chunks, args.chunk_idx)
+    questions = [(qid, image, in_format(args.prompt, text), prompt.replace(text, in_format(args.prompt, text)), extra)
+                 for qid, image, text, prompt, extra in questions]
     images = [image_source(q, args.image_folder, args.questions) if q[1] else None for q in questions]
     os.makedirs(os.path.dirname(os.path.abspath(args.answers)), exist_ok=True)
     created = not os.path.exists(args.answers)
@@ -235,6 +242,12 @@ def check_paths(args):
                 raise UserError(f"--{name} {out}: it is {flag}, which it would overwrite; name another file")
 
 
+def prompt_format(text):
+    if text.count("{}") != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must hold {{}} once, where the question goes")
+    return text.replace("\\n", "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,6 +260,9 @@ def main(argv=None):
     r.add_argument("--suffix", default="", help='appended to each question, e.g. "\\nAnswer with the option\'s '
                                                'letter from the given choices directly." for ScienceQA and MMBench '
                                                '("\\n" is a newline)')
+    r.add_argument("--prompt", type=prompt_format, default="{}",
+                   help='each question (with --suffix) put into this format, {} where it goes: InstructBLIP asks '
+                   '"Question: {} Short answer:" (its zero-shot VQA prompt); default: the question as it is')
     r.add_argument("--all-rounds", action="store_true", help="MMBench TSV: ask each question once per rotation of its "
                                                               "options (LLaVA's --all-rounds; its v1.5 scripts don't)")
     r.add_argument("--num-chunks", type=generate.positive_int, default=1,

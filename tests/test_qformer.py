@@ -139,3 +139,24 @@ def test_generate_and_evaluate_command_lines_run_a_qformer_model(qformer_run, wo
                    str(world["root"] / "images"), "--answers", str(answers), "--max-new-tokens", "3"])
     rows = [json.loads(line) for line in open(answers)]
     assert len(rows) == sum(1 for _ in open(world["root"] / "test.jsonl")) and all("text" in r for r in rows)
+
+
+def test_evaluate_puts_each_question_into_instructblips_prompt(qformer_run, world, tmp_path, monkeypatch):
+    """--prompt "Question: {} Short answer:": the text the model (and its Q-Former) is asked is the formatted one."""
+    import evaluate
+
+    out, _ = qformer_run
+    asked = []
+    answer = generate.answer
+    monkeypatch.setattr(generate, "answer", lambda model, fmt, conversations, *a, **k: asked.extend(
+        conversations) or answer(model, fmt, conversations, *a, **k))
+    answers = tmp_path / "answers.jsonl"
+    evaluate.main(["run", "--model", str(out), "--questions", str(world["root"] / "test.jsonl"), "--image-folder",
+                   str(world["root"] / "images"), "--answers", str(answers), "--max-new-tokens", "2",
+                   "--prompt", "Question: {} Short answer:"])
+    first = json.loads(open(world["root"] / "test.jsonl").readline())
+    assert asked[0][0]["content"] == f"<image>\nQuestion: {first['text']} Short answer:"
+    assert json.loads(open(answers).readline())["prompt"] == f"Question: {first['text']} Short answer:"
+    with pytest.raises(SystemExit):
+        evaluate.main(["run", "--model", str(out), "--questions", str(world["root"] / "test.jsonl"),
+                       "--answers", str(tmp_path / "b.jsonl"), "--prompt", "no placeholder"])
