@@ -892,20 +892,21 @@ def collate(samples, pad_id):
             "skipped": [i for s in samples for i in s.get("skipped", [])]}
 
 
-def collate_packed(samples, pad_id):
-    """A packed batch (train.py --pack): the samples laid end to end in as few rows as the longest of them holds
-    (first-fit, longest first), each row right-padded. Every sample keeps its own positions (position_ids restart at 0
+def collate_packed(samples, pad_id, row_length=0):
+    """A packed batch (train.py --pack): the samples laid end to end in as few rows of row_length positions as hold
+    them (first-fit, longest first; 0 or less than the longest sample: the longest sample's length, so that no row is
+    longer than the unpacked batch's), each row right-padded. Every sample keeps its own positions (position_ids restart at 0
     at its first token; a row's padding is a sequence of its own), so an LLM given position_ids and no attention mask
     attends within each sample only (transformers' masking_utils.find_packed_sequence_indices: a new sequence starts
     where positions do not go up by one). The first label of each sample is IGNORE_INDEX: it would be the target of
     the previous sample's last token, and unpacked it is never a target either. So the loss, summed over supervised
-    tokens, is the unpacked batch's, and no row is longer than the unpacked batch's.
+    tokens, is the unpacked batch's.
 
     Images (and their instructions) are concatenated in the order their samples appear in the rows, row by row, the
     order model.LlavaModel.embed fills placeholders in. `lengths` and `has_image` give each sample's (in that order)
     for the step's counts; position_ids is what tells the model the batch is packed."""
     lengths = [len(s["input_ids"]) for s in samples]
-    capacity, rows, free = max(lengths), [], []
+    capacity, rows, free = max(max(lengths), row_length), [], []
     for i in sorted(range(len(samples)), key=lambda i: -lengths[i]):
         r = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
         if r is None:

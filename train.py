@@ -132,8 +132,11 @@ class TrainConfig:
     micro_batch_order: str = arg("how --group-by-modality-length deals a length-sorted global batch into micro-batches: "
                                  "llava (LLaVA's split_to_even_chunks: each spans all lengths) or contiguous (each a "
                                  "run of similar lengths: less padding)", "llava")
-    pack: bool = arg("pack each micro-batch's samples into as few rows as its longest sample holds (per-sample "
-                     "positions, attention within a sample only: the same loss and gradients, less padding)", False)
+    pack: bool = arg("pack each micro-batch's samples into as few rows as hold them (per-sample positions, "
+                     "attention within a sample only: the same loss and gradients, less padding)", False)
+    pack_length: int = arg("with --pack, the rows' length; 0: the micro-batch's longest sample (never more positions "
+                           "than unpacked). Longer rows pack fuller but SDPA's attention then spans the whole row "
+                           "(masked), so its cost grows with the row", 0)
     dist_timeout: int = arg("minutes any collective may wait before the job is ended (rank 0 alone loads the weights "
                             "and writes each checkpoint while the others wait)", 30)
     # the run
@@ -165,6 +168,7 @@ RULES = {
     "dataset_balance": (lambda v: v in DATASET_BALANCES, " or ".join(map(repr, DATASET_BALANCES))),
     "precision": (lambda v: v in ("bf16", "fp32"), "'bf16' or 'fp32'"),
     "activation_checkpointing_every": (lambda v: v >= 0, "0 (none) or more"),
+    "pack_length": (lambda v: v >= 0, "0 (the longest sample of each micro-batch) or more"),
     "micro_batch_order": (lambda v: v in MICRO_BATCH_ORDERS, " or ".join(map(repr, MICRO_BATCH_ORDERS))),
     "max_length": (lambda v: v >= 1, "at least 1"),
     "num_workers": (lambda v: v >= 0, "0 or more"),
@@ -353,7 +357,8 @@ def fit(cfg, device):
             # draw where a resumed run does not, and the steps' random numbers (LoRA's dropout) would differ.
             batches = iter(torch.utils.data.DataLoader(
                 ReportErrors(dataset), cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                collate_fn=partial(collate_or_error, pad_id=fmt.pad_id, pack=cfg.pack), pin_memory=device.type == "cuda",
+                collate_fn=partial(collate_or_error, pad_id=fmt.pad_id, pack=cfg.pack, row_length=cfg.pack_length),
+                pin_memory=device.type == "cuda",
                 generator=torch.Generator().manual_seed(cfg.seed)))
         try:
             record = train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, device, skipped)
@@ -399,9 +404,11 @@ class ReportErrors(torch.utils.data.Dataset):
             return {"error": e}
 
 
-def collate_or_error(samples, pad_id, pack=False):
+def collate_or_error(samples, pad_id, pack=False, row_length=0):
     errors = [s["error"] for s in samples if "error" in s]
-    return {"error": errors[0]} if errors else (collate_packed if pack else collate)(samples, pad_id)
+    if errors:
+        return {"error": errors[0]}
+    return collate_packed(samples, pad_id, row_length) if pack else collate(samples, pad_id)
 
 
 def report_skipped(dataset, skipped, device):
@@ -965,8 +972,8 @@ def set_aside_checkpoint(output_dir, step):
 # numerics all come from the checkpoint's settings). The non-finite stop's remedies (--lr, --grad-clip) and a moved
 # image folder are taken with a warning; anything else that differs is refused by name.
 RESUME_MAY_CHANGE = {"micro_batch_size", "num_workers", "dist_timeout", "activation_checkpointing",
-                     "activation_checkpointing_every", "compile_blocks", "micro_batch_order", "pack", "save_every",
-                     "keep_last", "resume", "output_dir", "init_from", "skip_bad_samples"}
+                     "activation_checkpointing_every", "compile_blocks", "micro_batch_order", "pack", "pack_length",
+                     "save_every", "keep_last", "resume", "output_dir", "init_from", "skip_bad_samples"}
 RESUME_WARNS = {"lr", "grad_clip", "image_folder"}
 
 

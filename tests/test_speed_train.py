@@ -80,11 +80,11 @@ def assert_close(a, b, tol):
 MICRO = [[(13, True), (7, False), (5, False)], [(9, True), (11, True), (2, False)]]  # (length, has an image)
 
 
-def micro_batches(pack=False):
+def micro_batches(pack=False, row_length=0):
     collated = []
     for k, mb in enumerate(MICRO):
         s = samples(*zip(*mb), seed=k)
-        collated.append(collate_packed(s, 0) if pack else collate(s, 0))
+        collated.append(collate_packed(s, 0, row_length) if pack else collate(s, 0))
     return collated
 
 
@@ -149,9 +149,10 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(backbones, one_proces
 # Packing
 
 
-def test_packing_gives_the_unpacked_loss_and_gradients(backbones, one_process):
-    packed = micro_batches(pack=True)
-    assert [len(b["input_ids"]) for b in packed] == [2, 2]  # rows of 13: [13], [7, 5]; of 11: [11], [9, 2]
+@pytest.mark.parametrize("row_length, rows", [(0, [2, 2]), (32, [1, 1])])
+def test_packing_gives_the_unpacked_loss_and_gradients(backbones, one_process, row_length, rows):
+    packed = micro_batches(pack=True, row_length=row_length)
+    assert [len(b["input_ids"]) for b in packed] == rows  # rows of 13: [13], [7, 5]; of 11: [11], [9, 2]; of 32: all
     model = build(backbones, one_process)
     assert_close(loss_and_grads(model, packed, one_process), loss_and_grads(model, micro_batches(), one_process),
                  1e-5)
