@@ -895,12 +895,15 @@ def collate(samples, pad_id):
 def collate_packed(samples, pad_id, row_length=0):
     """A packed batch (train.py --pack): the samples laid end to end in as few rows of row_length positions as hold
     them (first-fit, longest first; 0 or less than the longest sample: the longest sample's length, so that no row is
-    longer than the unpacked batch's), each row right-padded. Every sample keeps its own positions (position_ids restart at 0
-    at its first token; a row's padding is a sequence of its own), so an LLM given position_ids and no attention mask
-    attends within each sample only (transformers' masking_utils.find_packed_sequence_indices: a new sequence starts
-    where positions do not go up by one). The first label of each sample is IGNORE_INDEX: it would be the target of
-    the previous sample's last token, and unpacked it is never a target either. So the loss, summed over supervised
-    tokens, is the unpacked batch's.
+    longer than the unpacked batch's), each row right-padded.
+
+    Every sample keeps its own positions: position_ids restart at 0 at its first token (a row's padding continues its
+    last sample's; no real token attends to it). Given position_ids and no attention mask, an LLM then attends within
+    each sample only (transformers' masking_utils.find_packed_sequence_indices: a new sequence starts where positions
+    do not go up by one). The first label of each sample is IGNORE_INDEX: it would be the target of the previous
+    sample's last token, and unpacked it is never a target either. So the loss, summed over supervised tokens, is the
+    unpacked batch's. When no row would hold two samples this is collate's batch: nothing to pack, and the LLM keeps
+    its plain causal attention.
 
     Images (and their instructions) are concatenated in the order their samples appear in the rows, row by row, the
     order model.LlavaModel.embed fills placeholders in. `lengths` and `has_image` give each sample's (in that order)
@@ -915,6 +918,8 @@ def collate_packed(samples, pad_id, row_length=0):
             r = len(rows) - 1
         rows[r].append(i)
         free[r] -= lengths[i]
+    if len(rows) == len(samples):
+        return collate(samples, pad_id)
     input_ids = torch.full((len(rows), capacity), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), capacity), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), capacity), dtype=torch.long)
@@ -928,7 +933,7 @@ def collate_packed(samples, pad_id, row_length=0):
             attention_mask[row, start:start + k] = 1
             position_ids[row, start:start + k] = torch.arange(k)
             start += k
-        position_ids[row, start:] = torch.arange(capacity - start)
+        position_ids[row, start:] = torch.arange(k, k + capacity - start)
     order = [samples[i] for members in rows for i in members]
     images = [s["pixel_values"] for s in order if s["pixel_values"] is not None]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids,

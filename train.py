@@ -53,9 +53,9 @@ from torch.utils.checkpoint import checkpoint
 
 import checkpoints
 import lora
-from data import (DATASET_BALANCES, IGNORE_INDEX, IMAGE_TOKEN_INDEX, MICRO_BATCH_ORDERS, TEMPLATES, BalancedSampler, DataError,
-                  DataFiles, LazySupervisedDataset, ModalityLengthGroupedSampler, UserError, collate, collate_packed,
-                  data_files, load_image_processor, load_tokenizer)
+from data import (DATASET_BALANCES, IGNORE_INDEX, IMAGE_TOKEN_INDEX, MICRO_BATCH_ORDERS, TEMPLATES, BalancedSampler,
+                  DataError, DataFiles, LazySupervisedDataset, ModalityLengthGroupedSampler, UserError, collate,
+                  collate_packed, data_files, load_image_processor, load_tokenizer)
 from model import QFORMER_TOKENIZER, LlavaConfig, LlavaModel, add_im_start_end, load_instruction_tokenizer, \
     load_vision_tower, supervised_targets
 
@@ -129,9 +129,10 @@ class TrainConfig:
                                               "memory), 2 half, 0 none", 1)
     compile_blocks: bool = arg("torch.compile each decoder layer (torchtitan's per-block compile; the first steps "
                                "compile)", False)
-    micro_batch_order: str = arg("how --group-by-modality-length deals a length-sorted global batch into micro-batches: "
-                                 "llava (LLaVA's split_to_even_chunks: each spans all lengths) or contiguous (each a "
-                                 "run of similar lengths: less padding)", "llava")
+    micro_batch_order: str = arg("how a global batch is dealt into micro-batches: llava (with "
+                                 "--group-by-modality-length LLaVA's split_to_even_chunks of the length-sorted batch: "
+                                 "each spans all lengths; else in order) or contiguous (sorted, cut into runs of "
+                                 "similar lengths: less padding)", "llava")
     pack: bool = arg("pack each micro-batch's samples into as few rows as hold them (per-sample positions, "
                      "attention within a sample only: the same loss and gradients, less padding)", False)
     pack_length: int = arg("with --pack, the rows' length; 0: the micro-batch's longest sample (never more positions "
@@ -1090,8 +1091,8 @@ def write_lines(path, lines):
 
 
 # Dense bf16 peaks per GPU (docs/performance.md section 1; NVIDIA's data sheets, as pytorch/torchtitan
-# `torchtitan/tools/utils.py` get_peak_flops), matched against torch.cuda.get_device_name in this order: the PCIe and NVL
-# H100s ("NVIDIA H100 PCIe", "NVIDIA H100 NVL") before the SXM one ("NVIDIA H100 80GB HBM3").
+# `torchtitan/tools/utils.py` get_peak_flops), matched against torch.cuda.get_device_name in this order: the PCIe and
+# NVL H100s ("NVIDIA H100 PCIe", "NVIDIA H100 NVL") before the SXM one ("NVIDIA H100 80GB HBM3").
 # A GPU not listed gets no MFU (None, and a warning at start-up naming it): add its data-sheet dense bf16 figure here.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 

@@ -163,12 +163,14 @@ def test_a_packed_row_keeps_each_samples_positions_labels_and_images():
     b = collate_packed(s, pad_id=0)
     # first fit, longest first, rows of 9: [9], [6, 3], [2] + 7 padding
     assert b["input_ids"].shape == (3, 9) and b["lengths"].tolist() == [9, 6, 3, 2]
-    assert b["position_ids"].tolist() == [list(range(9)), list(range(6)) + list(range(3)), [0, 1] + list(range(7))]
+    assert b["position_ids"].tolist() == [list(range(9)), list(range(6)) + list(range(3)), list(range(9))]
     assert torch.equal(b["input_ids"][1, 6:], s[1]["input_ids"]) and torch.equal(b["input_ids"][2, :2],
                                                                                   s[3]["input_ids"])
     assert b["labels"][1, 6] == IGNORE_INDEX and torch.equal(b["labels"][1, 7:], s[1]["labels"][1:])
     assert b["attention_mask"].sum().item() == 20 and b["has_image"].tolist() == [True, True, False, False]
     assert torch.equal(b["pixel_values"], torch.cat([s[2]["pixel_values"], s[0]["pixel_values"]]))  # row order
+    unpackable = samples([5, 4], [False, False])
+    assert collate_packed(unpackable, 0).keys() == collate(unpackable, 0).keys()  # nothing fits: collate's batch
     supervised = (train.supervised_targets(b["input_ids"], b["labels"]) != IGNORE_INDEX).sum()
     assert supervised == sum((x["labels"][1:] != IGNORE_INDEX).sum() for x in s)
 
@@ -252,7 +254,8 @@ def test_metrics_count_padding_and_report_per_gpu(backbones, one_process):
     assert record["tokens_per_s_per_gpu"] == pytest.approx(record["tokens_per_s"])  # one rank
     assert record["mfu"] is None  # a CPU has no peak
     packed = train.global_counts(micro_batches(pack=True), flops, one_process)
-    assert (packed["tokens"], packed["positions"], packed["samples"], packed["image_samples"]) == (47, 2 * 13 + 2 * 11, 6, 3)
+    assert (packed["tokens"], packed["positions"], packed["samples"], packed["image_samples"]) == \
+        (47, 2 * 13 + 2 * 11, 6, 3)
     unpacked = train.global_counts(micro_batches(), flops, one_process)
     assert packed["flops"] == unpacked["flops"] and packed["supervised_tokens"] == unpacked["supervised_tokens"]
 

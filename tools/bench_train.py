@@ -33,13 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-LEVERS = {  # name: the TrainConfig settings of a train_step row
+LEVERS = {  # name: the TrainConfig settings of a train_step row (also: pack-256, rows of 256 positions)
     "baseline": dict(),
     "ac-all": dict(activation_checkpointing=True, activation_checkpointing_every=1),
     "ac-every-2": dict(activation_checkpointing=True, activation_checkpointing_every=2),
     "contiguous": dict(micro_batch_order="contiguous"),
     "pack": dict(pack=True),
-    "pack-256": dict(pack=True, pack_length=256),
     "contiguous+pack": dict(micro_batch_order="contiguous", pack=True),
 }
 COMPILED = {"compile": dict(compile_blocks=True), "compile+contiguous+pack": dict(compile_blocks=True,
@@ -161,7 +160,9 @@ def main(argv=None):
                 build_world(world, n_images=200, n_test=4, clip_steps=2, llm_steps=2)
         cfg = toy_config(world, os.path.join(tmp, "out"), args.micro_batch_size, args.global_batch_size)
         batches, pad_id = global_batches(cfg, args.steps)
-        levers = {**{k: LEVERS[k] for k in args.levers.split(",") if k}, **(COMPILED if args.compile else {})}
+        extra = {"pack-256": dict(pack=True, pack_length=256)}
+        levers = {**{k: {**LEVERS, **extra}[k] for k in args.levers.split(",") if k},
+                  **(COMPILED if args.compile else {})}
         device = train.init_distributed()
         try:
             runs = {"plain PyTorch loop (no FSDP)": plain_loop(cfg, batches["llava"], pad_id)}
@@ -183,15 +184,15 @@ def main(argv=None):
             train.dist.destroy_process_group()
     rows = []
     for name in runs:
-        timed = [r for r in records[name] if r]
-        padded = 1 - sum(r["tokens"] for r in timed) / sum(r["positions"] for r in timed) if timed else None
+        timed = [r for r in records[name] if r]  # (the plain loop keeps no records)
         step_s = statistics.median(times[name])
-        rows.append((name, 1 / step_s, sum(r["tokens"] for r in timed) / sum(times[name]) if timed else None,
-                     padded))
+        tokens = sum(r["tokens"] for r in timed) / len(timed) / step_s if timed else None
+        padded = 1 - sum(r["tokens"] for r in timed) / sum(r["positions"] for r in timed) if timed else None
+        rows.append((name, 1 / step_s, tokens, padded))
     plain = rows[0][1]
-    print(f"\ntoy world stage 2, fp32, global batch {cfg.global_batch_size} = {cfg.global_batch_size // cfg.micro_batch_size}"
-          f" x {cfg.micro_batch_size}, {args.steps - args.warmup} timed steps per row, {torch.get_num_threads()} "
-          "threads, CPU\n")
+    accum = cfg.global_batch_size // cfg.micro_batch_size
+    print(f"\ntoy world stage 2, fp32, global batch {cfg.global_batch_size} = {accum} x {cfg.micro_batch_size}, "
+          f"{args.steps - args.warmup} timed steps per row (median), {torch.get_num_threads()} threads, CPU\n")
     print(f"| {'row':<42} | steps/s | time vs plain | tokens/s | padded |")
     print(f"|{'-' * 44}|---------|---------------|----------|--------|")
     for name, rate, tokens, padded in rows:
