@@ -19,10 +19,13 @@ with one `error: ...` line naming the flag, file or sample (data.UserError).
 
 Distributed: FSDP2 `fully_shard` on each decoder layer, then the root; MixedPrecisionPolicy(bf16 params, fp32 reduce)
 over fp32 master weights (whatever dtype the backbones were saved in), or fp32 throughout; the frozen vision tower
-outside FSDP, replicated in the compute dtype; non-reentrant activation checkpointing per decoder layer; SDPA
-attention. The same path runs on one CPU process (gloo), on GPUs (NCCL) and multi-node, all launched by torchrun;
-output_dir must then be on a filesystem every node shares (checked at start-up). Each step appends a JSON line to
-output_dir/metrics.jsonl (loss, lr, gradient norm, tokens/s, MFU, memory); tools/plot_loss.py draws it.
+outside FSDP, replicated in the compute dtype; non-reentrant activation checkpointing of every decoder layer (or
+every K-th: --activation-checkpointing-every); SDPA attention. Opt-in speed levers: --compile-blocks (torch.compile
+per decoder layer), --micro-batch-order contiguous (micro-batches of similar lengths), --pack (several samples per
+row); docs/performance.md section 7. The same path runs on one CPU process (gloo), on GPUs (NCCL) and multi-node, all
+launched by torchrun; output_dir must then be on a filesystem every node shares (checked at start-up). Each step
+appends a JSON line to output_dir/metrics.jsonl (loss, lr, gradient norm, padded fraction, tokens/s, MFU, memory);
+tools/plot_loss.py draws it.
 """
 
 import argparse
