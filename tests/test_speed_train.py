@@ -3,6 +3,7 @@ contiguous micro-batches, packing, the padded fraction, FLOPs and MFU. Each leve
 as they were (fp32, CPU, one process); the counts are checked against hand counts and formulas."""
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -123,12 +124,15 @@ def test_activation_checkpointing_every_is_checked():
 # Per-block compile
 
 
-def test_compiled_blocks_give_the_eager_loss_and_gradients(backbones, one_process, monkeypatch):
-    """--compile-blocks under FSDP2 and checkpointing of every other layer. With dynamo's aot_eager backend (the
-    graphs traced, AOT-autograd'ed, run eagerly: the whole wiring minus inductor's code generation, which takes
-    minutes on 2 CPU cores; tools/bench_train.py runs inductor)."""
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    not os.environ.get("LLAVA_TEST_INDUCTOR"), reason="inductor's C++ compile takes a minute on 2 CPU cores: set "
+    "LLAVA_TEST_INDUCTOR=1"))])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(backbones, one_process, monkeypatch, backend):
+    """--compile-blocks under FSDP2 and checkpointing of every other layer. In the suite with dynamo's aot_eager
+    backend (the graphs traced and AOT-autograd'ed, then run eagerly: the whole wiring but inductor's code
+    generation); LLAVA_TEST_INDUCTOR=1 adds inductor itself (tools/bench_train.py --compile times it)."""
     compile_blocks = train.compile_blocks
-    monkeypatch.setattr(train, "compile_blocks", lambda model: compile_blocks(model, backend="aot_eager"))
+    monkeypatch.setattr(train, "compile_blocks", lambda model: compile_blocks(model, backend=backend))
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
