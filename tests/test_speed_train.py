@@ -312,3 +312,25 @@ def test_sampler_orders_listed():
 
     assert MICRO_BATCH_ORDERS == ("llava", "contiguous")
     assert list(itertools.islice(iter(ModalityLengthGroupedSampler([3, 2, 1, 4], 2)), 4))  # the default still runs
+
+
+def test_a_run_with_the_levers_trains_the_same_model_with_less_padding(world, tmp_path):
+    """finetune.py end to end (test_train.py's toy-world run, 4 steps of 4 x 2): contiguous micro-batches, packing
+    and checkpointing of every other layer give the weights of a run without them, from less padding."""
+    import json
+
+    from test_train import max_diff, run
+
+    plain = run(world, tmp_path / "plain")
+    levers = run(world, tmp_path / "levers", micro_batch_order="contiguous", pack=True, activation_checkpointing=True,
+                 activation_checkpointing_every=2)
+    assert max_diff(plain, levers) < 1e-5
+
+    def records(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    before, after = records("plain"), records("levers")
+    assert [r["tokens"] for r in before] == [r["tokens"] for r in after]  # the same samples each step
+    assert [r["samples"] for r in before] == [r["samples"] for r in after] == [8] * 4
+    assert sum(r["positions"] for r in after) < sum(r["positions"] for r in before)
+    assert all(0 <= r["padded_fraction"] < 1 and r["mfu"] is None for r in before + after)
