@@ -1151,8 +1151,8 @@ class BalancedSampler(ModalityLengthGroupedSampler):
     unless its dataset is smaller than it. The datasets' batches run on across epochs. An epoch is
     ceil(sum(sizes) / global_batch) steps, as many as concat takes to see every sample once (--epochs and the
     learning-rate schedule keep their meaning); it is not a pass over each dataset. A global batch is dealt to ranks
-    and accumulation steps as the sampler above deals it: with group_by_length sorted by length and cut into
-    micro-batches of similar total length, else in order; image and text-only samples are not kept apart.
+    and accumulation steps as the sampler above deals it (deal: micro_batch_order); image and text-only samples are not
+    kept apart.
 
     The order depends only on (seed, global step): set_epoch(epoch, start_step) counts the draws before that epoch to
     know where each dataset is, so a resumed run reads exactly what the uninterrupted one would have.
