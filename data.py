@@ -892,6 +892,58 @@ def collate(samples, pad_id):
             "skipped": [i for s in samples for i in s.get("skipped", [])]}
 
 
+def collate_packed(samples, pad_id, row_length=0):
+    """A packed batch (train.py --pack): the samples laid end to end in as few rows of row_length positions as hold
+    them (first-fit, longest first; 0 or less than the longest sample: the longest sample's length, so that no row is
+    longer than the unpacked batch's), each row right-padded.
+
+    Every sample keeps its own positions: position_ids restart at 0 at its first token (a row's padding continues its
+    last sample's; no real token attends to it). Given position_ids and no attention mask, an LLM then attends within
+    each sample only (transformers' masking_utils.find_packed_sequence_indices: a new sequence starts where positions
+    do not go up by one). The first label of each sample is IGNORE_INDEX: it would be the target of the previous
+    sample's last token, and unpacked it is never a target either. So the loss, summed over supervised tokens, is the
+    unpacked batch's. When no row would hold two samples this is collate's batch: nothing to pack, and the LLM keeps
+    its plain causal attention.
+
+    Images (and their instructions) are concatenated in the order their samples appear in the rows, row by row, the
+    order model.LlavaModel.embed fills placeholders in. `lengths` and `has_image` give each sample's (in that order)
+    for the step's counts; position_ids is what tells the model the batch is packed."""
+    lengths = [len(s["input_ids"]) for s in samples]
+    capacity, rows, free = max(max(lengths), row_length), [], []
+    for i in sorted(range(len(samples)), key=lambda i: -lengths[i]):
+        r = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            free.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    if len(rows) == len(samples):
+        return collate(samples, pad_id)
+    input_ids = torch.full((len(rows), capacity), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), capacity), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), capacity), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), capacity), dtype=torch.long)
+    for row, members in enumerate(rows):
+        start = 0
+        for i in members:
+            k, s = lengths[i], samples[i]
+            input_ids[row, start:start + k], labels[row, start:start + k] = s["input_ids"], s["labels"]
+            labels[row, start] = IGNORE_INDEX
+            attention_mask[row, start:start + k] = 1
+            position_ids[row, start:start + k] = torch.arange(k)
+            start += k
+        position_ids[row, start:] = torch.arange(k, k + capacity - start)
+    order = [samples[i] for members in rows for i in members]
+    images = [s["pixel_values"] for s in order if s["pixel_values"] is not None]
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids,
+            "pixel_values": torch.cat(images) if images else None,
+            **pad_instructions([i for s in order for i in s.get("instructions", [])]),
+            "lengths": torch.tensor([len(s["input_ids"]) for s in order]),
+            "has_image": torch.tensor([s["pixel_values"] is not None for s in order]),
+            "skipped": [i for s in samples for i in s.get("skipped", [])]}
+
+
 def pad_instructions(instructions):
     """Each image's instruction ids (ChatFormat.instructions) as the model takes them: instruction_ids right-padded
     with 0 (BERT's [PAD]) and instruction_mask, (images, longest); both None when there are none."""
@@ -919,6 +971,10 @@ def split_to_even_chunks(indices, lengths, num_chunks):
     return chunks
 
 
+# How a global batch is dealt into micro-batches (train.py --micro-batch-order; ModalityLengthGroupedSampler.deal).
+MICRO_BATCH_ORDERS = ("llava", "contiguous")
+
+
 @dataclass
 class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
     """The sample indices one rank reads, in order, for one epoch.
@@ -932,6 +988,10 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
 
     The order depends only on (seed, epoch); set_epoch(epoch, start_step) resumes mid-epoch. The last megabatch is
     filled up with samples from the start of the epoch's order, so every rank takes the same number of full steps.
+
+    micro_batch_order "contiguous" deals a global batch otherwise (deal): sorted by length, cut into runs of
+    micro_batch_size, so each micro-batch pads to a length close to its own samples'. The global batch's samples are
+    the same, so is the update; only which rank and accumulation step gets which sample changes.
     """
 
     lengths: list = field(repr=False)
@@ -943,9 +1003,11 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
     seed: int = 0
     epoch: int = 0
     start_step: int = 0
+    micro_batch_order: str = "llava"
 
     def __post_init__(self):
         assert 0 <= self.rank < self.world_size and all(n != 0 for n in self.lengths)
+        assert self.micro_batch_order in MICRO_BATCH_ORDERS, self.micro_batch_order
         self.length = [abs(n) for n in self.lengths]
 
     @property
@@ -977,8 +1039,17 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
         return [self.deal(b) for b in full]
 
     def deal(self, batch):
-        """A global batch as its world_size x grad_accum micro-batches: with group_by_length sorted longest first and
-        split into micro-batches of similar total length, else cut in order."""
+        """A global batch as its world_size x grad_accum micro-batches, micro-batch m going to rank m % world_size at
+        accumulation step m // world_size (__iter__). llava: with group_by_length sorted longest first and split into
+        micro-batches of similar total length (LLaVA's split_to_even_chunks: each spans the batch's whole range of
+        lengths), else cut in order. contiguous: sorted longest first and cut into consecutive runs; accumulation step
+        s takes runs s x world_size ... (s + 1) x world_size - 1, so the ranks of a step hold similar lengths, dealt
+        to ranks in a snake order (reversed at odd steps) so that no rank always gets the longest run of its step."""
+        if self.micro_batch_order == "contiguous":
+            batch = sorted(batch, key=lambda i: self.length[i], reverse=True)
+            runs = [batch[j:j + self.micro_batch_size] for j in range(0, len(batch), self.micro_batch_size)]
+            w = self.world_size
+            return [run for s in range(self.grad_accum) for run in runs[s * w:(s + 1) * w][::1 if s % 2 == 0 else -1]]
         if self.group_by_length:
             batch = sorted(batch, key=lambda i: self.length[i], reverse=True)
             return split_to_even_chunks(batch, self.length, self.world_size * self.grad_accum)
@@ -1080,8 +1151,8 @@ class BalancedSampler(ModalityLengthGroupedSampler):
     unless its dataset is smaller than it. The datasets' batches run on across epochs. An epoch is
     ceil(sum(sizes) / global_batch) steps, as many as concat takes to see every sample once (--epochs and the
     learning-rate schedule keep their meaning); it is not a pass over each dataset. A global batch is dealt to ranks
-    and accumulation steps as the sampler above deals it: with group_by_length sorted by length and cut into
-    micro-batches of similar total length, else in order; image and text-only samples are not kept apart.
+    and accumulation steps as the sampler above deals it (deal: micro_batch_order); image and text-only samples are not
+    kept apart.
 
     The order depends only on (seed, global step): set_epoch(epoch, start_step) counts the draws before that epoch to
     know where each dataset is, so a resumed run reads exactly what the uninterrupted one would have.

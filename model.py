@@ -221,9 +221,12 @@ class LlavaModel(nn.Module):
         return torch.cat([embeds.flatten(0, 1), nothing.flatten(0, 1).to(embeds.dtype)]).view_as(embeds)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, instruction_ids=None,
-                instruction_mask=None):
+                instruction_mask=None, position_ids=None):
         """Logits (B, T, V) without labels; with labels, the cross-entropy summed over the supervised tokens.
         instruction_ids / instruction_mask: each image's instruction, for a projector that reads it (the qformer).
+        position_ids (B, T): a packed batch's (data.collate_packed), restarting at 0 where each sample starts; with no
+        attention_mask, transformers then confines attention to each sample (masking_utils'
+        find_packed_sequence_indices builds the block-diagonal causal mask).
 
         Training passes attention_mask=None: its batches are right-padded, so causal attention alone keeps padding out
         of every real token's view, and the padding's losses are masked. Without a mask, SDPA can take its causal
@@ -231,7 +234,7 @@ class LlavaModel(nn.Module):
         """
         embeds = self.embed(input_ids, pixel_values, instruction_ids, instruction_mask)
         hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                                use_cache=False).last_hidden_state
+                                                position_ids=position_ids, use_cache=False).last_hidden_state
         head = self.language_model.get_output_embeddings()
         if labels is None:
             return head(hidden)

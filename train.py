@@ -19,10 +19,13 @@ with one `error: ...` line naming the flag, file or sample (data.UserError).
 
 Distributed: FSDP2 `fully_shard` on each decoder layer, then the root; MixedPrecisionPolicy(bf16 params, fp32 reduce)
 over fp32 master weights (whatever dtype the backbones were saved in), or fp32 throughout; the frozen vision tower
-outside FSDP, replicated in the compute dtype; non-reentrant activation checkpointing per decoder layer; SDPA
-attention. The same path runs on one CPU process (gloo), on GPUs (NCCL) and multi-node, all launched by torchrun;
-output_dir must then be on a filesystem every node shares (checked at start-up). Each step appends a JSON line to
-output_dir/metrics.jsonl (loss, lr, gradient norm, tokens/s, MFU, memory); tools/plot_loss.py draws it.
+outside FSDP, replicated in the compute dtype; non-reentrant activation checkpointing of every decoder layer (or
+every K-th: --activation-checkpointing-every); SDPA attention. Opt-in speed levers: --compile-blocks (torch.compile
+per decoder layer), --micro-batch-order contiguous (micro-batches of similar lengths), --pack (several samples per
+row); docs/performance.md section 7. The same path runs on one CPU process (gloo), on GPUs (NCCL) and multi-node, all
+launched by torchrun; output_dir must then be on a filesystem every node shares (checked at start-up). Each step
+appends a JSON line to output_dir/metrics.jsonl (loss, lr, gradient norm, padded fraction, tokens/s, MFU, memory);
+tools/plot_loss.py draws it.
 """
 
 import argparse
@@ -53,9 +56,9 @@ from torch.utils.checkpoint import checkpoint
 
 import checkpoints
 import lora
-from data import (DATASET_BALANCES, IGNORE_INDEX, IMAGE_TOKEN_INDEX, TEMPLATES, BalancedSampler, DataError,
-                  DataFiles, LazySupervisedDataset, ModalityLengthGroupedSampler, UserError, collate, data_files,
-                  load_image_processor, load_tokenizer)
+from data import (DATASET_BALANCES, IGNORE_INDEX, IMAGE_TOKEN_INDEX, MICRO_BATCH_ORDERS, TEMPLATES, BalancedSampler,
+                  DataError, DataFiles, LazySupervisedDataset, ModalityLengthGroupedSampler, UserError, collate,
+                  collate_packed, data_files, load_image_processor, load_tokenizer)
 from model import QFORMER_TOKENIZER, LlavaConfig, LlavaModel, add_im_start_end, load_instruction_tokenizer, \
     load_vision_tower, supervised_targets
 
@@ -122,7 +125,22 @@ class TrainConfig:
     grad_clip: float = arg("max gradient norm; 0 = no clipping, as LLaVA-1.5 trained (the norm is still logged)", 0.0)
     # precision and memory
     precision: str = arg("bf16 (bf16 compute, fp32 master weights and reductions) or fp32", "bf16")
-    activation_checkpointing: bool = arg("recompute each decoder layer in backward", True)
+    activation_checkpointing: bool = arg("recompute decoder layers in backward (which: "
+                                         "--activation-checkpointing-every)", True)
+    activation_checkpointing_every: int = arg("with --activation-checkpointing, recompute every K-th decoder layer "
+                                              "(layers 0, K, 2K, ...): 1 all of them (+1 forward of FLOPs, least "
+                                              "memory), 2 half, 0 none", 1)
+    compile_blocks: bool = arg("torch.compile each decoder layer (torchtitan's per-block compile; the first steps "
+                               "compile)", False)
+    micro_batch_order: str = arg("how a global batch is dealt into micro-batches: llava (with "
+                                 "--group-by-modality-length LLaVA's split_to_even_chunks of the length-sorted batch: "
+                                 "each spans all lengths; else in order) or contiguous (sorted, cut into runs of "
+                                 "similar lengths: less padding)", "llava")
+    pack: bool = arg("pack each micro-batch's samples into as few rows as hold them (per-sample positions, "
+                     "attention within a sample only: the same loss and gradients, less padding)", False)
+    pack_length: int = arg("with --pack, the rows' length; 0: the micro-batch's longest sample (never more positions "
+                           "than unpacked). Longer rows pack fuller but SDPA's attention then spans the whole row "
+                           "(masked), so its cost grows with the row", 0)
     dist_timeout: int = arg("minutes any collective may wait before the job is ended (rank 0 alone loads the weights "
                             "and writes each checkpoint while the others wait)", 30)
     # the run
@@ -153,6 +171,9 @@ RULES = {
     "image_aspect_ratio": (lambda v: v in ("pad", "crop"), "'pad' or 'crop'"),
     "dataset_balance": (lambda v: v in DATASET_BALANCES, " or ".join(map(repr, DATASET_BALANCES))),
     "precision": (lambda v: v in ("bf16", "fp32"), "'bf16' or 'fp32'"),
+    "activation_checkpointing_every": (lambda v: v >= 0, "0 (none) or more"),
+    "pack_length": (lambda v: v >= 0, "0 (the longest sample of each micro-batch) or more"),
+    "micro_batch_order": (lambda v: v in MICRO_BATCH_ORDERS, " or ".join(map(repr, MICRO_BATCH_ORDERS))),
     "max_length": (lambda v: v >= 1, "at least 1"),
     "num_workers": (lambda v: v >= 0, "0 or more"),
     "epochs": (lambda v: v >= 1, "at least 1"),
@@ -314,16 +335,22 @@ def fit(cfg, device):
               file=sys.stderr)
     if cfg.dataset_balance == "sqrt":
         sampler = BalancedSampler(dataset.modality_lengths, cfg.micro_batch_size, world, rank, grad_accum,
-                                  cfg.group_by_modality_length, cfg.seed, sizes=dataset.sizes)
+                                  cfg.group_by_modality_length, cfg.seed, micro_batch_order=cfg.micro_batch_order,
+                                  sizes=dataset.sizes)
     else:
         sampler = ModalityLengthGroupedSampler(dataset.modality_lengths, cfg.micro_batch_size, world, rank,
-                                               grad_accum, cfg.group_by_modality_length, cfg.seed)
+                                               grad_accum, cfg.group_by_modality_length, cfg.seed,
+                                               micro_batch_order=cfg.micro_batch_order)
     steps_per_epoch = sampler.steps_per_epoch()
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg)
     step = load_checkpoint(model, optimizer, resume_from) if resume_from else 0
     log = MetricsLog(cfg.output_dir, step, total)
     flops = FlopCounter(model, cfg.train_llm and not cfg.lora_r, device)
+    if device.type == "cuda" and flops.peak is None:
+        print(f"warning: [rank {rank}] no dense bf16 peak known for {torch.cuda.get_device_name(device)!r} "
+              "(train.PEAK_BF16_FLOPS): metrics.jsonl's mfu is null; tflops_per_gpu is still reported",
+              file=sys.stderr)
     skipped = torch.zeros(len(dataset), dtype=torch.bool)
 
     batches = None
@@ -334,7 +361,8 @@ def fit(cfg, device):
             # draw where a resumed run does not, and the steps' random numbers (LoRA's dropout) would differ.
             batches = iter(torch.utils.data.DataLoader(
                 ReportErrors(dataset), cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                collate_fn=partial(collate_or_error, pad_id=fmt.pad_id), pin_memory=device.type == "cuda",
+                collate_fn=partial(collate_or_error, pad_id=fmt.pad_id, pack=cfg.pack, row_length=cfg.pack_length),
+                pin_memory=device.type == "cuda",
                 generator=torch.Generator().manual_seed(cfg.seed)))
         try:
             record = train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, device, skipped)
@@ -380,9 +408,11 @@ class ReportErrors(torch.utils.data.Dataset):
             return {"error": e}
 
 
-def collate_or_error(samples, pad_id):
+def collate_or_error(samples, pad_id, pack=False, row_length=0):
     errors = [s["error"] for s in samples if "error" in s]
-    return {"error": errors[0]} if errors else collate(samples, pad_id)
+    if errors:
+        return {"error": errors[0]}
+    return collate_packed(samples, pad_id, row_length) if pack else collate(samples, pad_id)
 
 
 def report_skipped(dataset, skipped, device):
@@ -407,6 +437,7 @@ def train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, d
         if skipped is not None and b["skipped"]:
             skipped[b["skipped"]] = True
     counts = global_counts(micro, flops, device)
+    peak = global_peak(flops, device)
     if counts["supervised_tokens"] == 0:
         raise DataError(f"step {step + 1}: no supervised token in the whole global batch (every reply was cut by "
                         "--max-length or is empty); check the data")
@@ -424,27 +455,49 @@ def train_step(model, optimizer, batches, grad_accum, step, total, cfg, flops, d
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     work = counts.pop("flops")
+    world = dist.get_world_size()
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **{k: int(v) for k, v in counts.items()},
-            "tokens_per_s": counts["tokens"] / seconds,
-            "mfu": work / (seconds * dist.get_world_size() * flops.peak) if flops.peak else None,
+            "padded_fraction": 1 - counts["tokens"] / counts["positions"],
+            "tokens_per_s": counts["tokens"] / seconds, "tokens_per_s_per_gpu": counts["tokens"] / seconds / world,
+            "tflops_per_gpu": work / seconds / world / 1e12,
+            "mfu": work / (seconds * peak) if peak else None,
             "peak_memory_gb": peak_memory_gb(device)}
+
+
+def global_peak(flops, device):
+    """The peak FLOP/s of all ranks together (each its own device's, FlopCounter.peak), or None when a rank's device
+    has no known peak: MFU is then not reported rather than guessed. Every rank's FLOPs over every rank's peak is the
+    mean of the per-GPU MFUs when each rank does its share of the work."""
+    if not hasattr(flops, "peak_sum"):  # (once per run: one all-reduce)
+        peak = torch.tensor([flops.peak or 0.0, flops.peak is None], dtype=torch.float64, device=device)
+        dist.all_reduce(peak)
+        flops.peak_sum = None if peak[1] else peak[0].item()
+    return flops.peak_sum
 
 
 def global_counts(micro, flops, device):
     """What the global batch holds: this rank's micro-batches counted, then summed over all ranks in one all-reduce.
     supervised_tokens is the loss's denominator (model.supervised_targets defines what counts)."""
     images = [0 if b["pixel_values"] is None else len(b["pixel_values"]) for b in micro]
-    local = {"supervised_tokens": sum((supervised_targets(b["input_ids"], b["labels"]) != IGNORE_INDEX).sum().item()
-                                      for b in micro),
+    supervised = [(supervised_targets(b["input_ids"], b["labels"]) != IGNORE_INDEX).sum().item() for b in micro]
+    lengths = [sample_lengths(b) for b in micro]
+    local = {"supervised_tokens": sum(supervised),
              "tokens": sum(b["attention_mask"].sum().item() for b in micro),
-             "samples": sum(len(b["input_ids"]) for b in micro),
-             "image_samples": sum((b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum().item() for b in micro),
+             "positions": sum(b["input_ids"].numel() for b in micro),  # real tokens and padding: what the LLM runs on
+             "samples": sum(len(n) for n in lengths),
+             "image_samples": sum(b["has_image"].sum().item() if "has_image" in b else
+                                  (b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum().item() for b in micro),
              "images": sum(images),
              "skipped_samples": sum(len(b["skipped"]) for b in micro),
-             "flops": sum(flops(b["attention_mask"].sum(1), n) for b, n in zip(micro, images))}
+             "flops": sum(flops(n, i, s) for n, i, s in zip(lengths, images, supervised))}
     counts = torch.tensor(list(local.values()), dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     return dict(zip(local, counts.tolist()))
+
+
+def sample_lengths(batch):
+    """The real tokens of each sample of a micro-batch: its rows', or, packed (data.collate_packed), its samples'."""
+    return batch["lengths"] if "lengths" in batch else batch["attention_mask"].sum(1)
 
 
 def forward_backward(model, micro, n_supervised, trainable, grad_clip, device):
@@ -460,6 +513,8 @@ def forward_backward(model, micro, n_supervised, trainable, grad_clip, device):
         pixel_values = b["pixel_values"].to(device, non_blocking=True) if b["pixel_values"] is not None else None
         # no attention mask: right padding needs none, and SDPA keeps its causal flash kernel (model.forward)
         instruction = {k: b[k].to(device) for k in ("instruction_ids", "instruction_mask") if b.get(k) is not None}
+        if b.get("position_ids") is not None:  # packed: each sample's own positions (data.collate_packed)
+            instruction["position_ids"] = b["position_ids"].to(device)
         ce = model(b["input_ids"].to(device), None, pixel_values, b["labels"].to(device), **instruction)
         (ce * world / n_supervised).backward()
         loss_sum += ce.detach()
@@ -603,8 +658,21 @@ def empty_sharded_model(cfg, added_token_ids=(), im_token_ids=()):
     model = LlavaModel.from_config(cfg.model_config(), dtype=torch.float32, empty=True,
                                    added_token_ids=added_token_ids)
     prepare(model, cfg, im_token_ids)
+    if cfg.compile_blocks:
+        compile_blocks(model)
     shard(model, cfg.precision)
     return model
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile each decoder layer, in place (nn.Module.compile: the parameters keep their names, so checkpoints
+    do not change), after activation checkpointing has wrapped its forward and before FSDP shards it: the order of
+    torchtitan's per-block compile (pytorch/torchtitan `torchtitan/models/llama3/infra/parallelize.py`: AC, compile,
+    FSDP) and torchtune's in-place layer.compile(). Every layer has the same code and shapes, so one compilation
+    serves them all; FSDP's hooks run outside the compiled graph (torch._dynamo.config.skip_fsdp_hooks). Sequence
+    lengths vary from step to step: after the first recompile dynamo marks the length dynamic."""
+    for layer in model.language_model.base_model.layers:
+        layer.compile(backend=backend)
 
 
 def prepare(model, cfg, im_token_ids=()):
@@ -633,9 +701,20 @@ def prepare(model, cfg, im_token_ids=()):
         lora.add_adapters(model.language_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         for name, p in model.language_model.named_parameters():
             p.requires_grad_(".lora_A." in name or ".lora_B." in name)
-    if cfg.activation_checkpointing:
-        for layer in model.language_model.base_model.layers:
-            layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+    for i in checkpointed_layers(cfg, len(model.language_model.base_model.layers)):
+        layer = model.language_model.base_model.layers[i]
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def checkpointed_layers(cfg, num_layers):
+    """The decoder layers activation checkpointing recomputes: every K-th (K = --activation-checkpointing-every),
+    from layer 0, as torchtitan's selective layer checkpointing picks them (`layer_id % ac_freq == 0`).
+
+    The trade, per layer left out: its activations stay (~34 bytes x tokens x width in bf16, Korthikanti et al.
+    arXiv:2205.05198 section 4.1) instead of its input alone (2 bytes x tokens x width), and the backward skips its
+    second forward (a third of its FLOPs). docs/performance.md section 5 has the arithmetic."""
+    every = cfg.activation_checkpointing_every if cfg.activation_checkpointing else 0
+    return [i for i in range(num_layers) if every and i % every == 0]
 
 
 def compute_dtype(precision):
@@ -896,8 +975,9 @@ def set_aside_checkpoint(output_dir, step):
 # What a resumed run may change: how it runs, not what it computes (the data order, the schedule, the model and its
 # numerics all come from the checkpoint's settings). The non-finite stop's remedies (--lr, --grad-clip) and a moved
 # image folder are taken with a warning; anything else that differs is refused by name.
-RESUME_MAY_CHANGE = {"micro_batch_size", "num_workers", "dist_timeout", "activation_checkpointing", "save_every",
-                     "keep_last", "resume", "output_dir", "init_from", "skip_bad_samples"}
+RESUME_MAY_CHANGE = {"micro_batch_size", "num_workers", "dist_timeout", "activation_checkpointing",
+                     "activation_checkpointing_every", "compile_blocks", "micro_batch_order", "pack", "pack_length",
+                     "save_every", "keep_last", "resume", "output_dir", "init_from", "skip_bad_samples"}
 RESUME_WARNS = {"lr", "grad_clip", "image_folder"}
 
 
@@ -1013,29 +1093,40 @@ def write_lines(path, lines):
         f.writelines(lines)
 
 
-# Dense bf16 peaks (docs/performance.md section 1), matched against torch.cuda.get_device_name in this order: the
-# PCIe and NVL H100s ("NVIDIA H100 PCIe", "NVIDIA H100 NVL") before the SXM one ("NVIDIA H100 80GB HBM3").
-PEAK_BF16_FLOPS = {"A100": 312e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12}
+# Dense bf16 peaks per GPU (docs/performance.md section 1; NVIDIA's data sheets, as pytorch/torchtitan
+# `torchtitan/tools/utils.py` get_peak_flops), matched against torch.cuda.get_device_name in this order: the PCIe and
+# NVL H100s ("NVIDIA H100 PCIe", "NVIDIA H100 NVL") before the SXM one ("NVIDIA H100 80GB HBM3").
+# A GPU not listed gets no MFU (None, and a warning at start-up naming it): add its data-sheet dense bf16 figure here.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def peak_flops(device):
+    """The device's dense bf16 FLOP/s, or None (a CPU, or a GPU not in PEAK_BF16_FLOPS: then MFU is None)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return device_peak(torch.cuda.get_device_name(device))
+
+
+def device_peak(name):
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 class FlopCounter:
-    """FLOPs a step must do, per sample of T real tokens: the LLM 6·N·T + 12·L·d·T² when trained (4·N·T when frozen:
-    no weight gradients), the projector 6·N_P per image token, the frozen tower's forward 2·N_V·T_v + 4·L_v·d_v·T_v².
-    `peak` is the device's dense bf16 FLOP/s (None off a known GPU), MFU's denominator per rank."""
+    """FLOPs a step must do (docs/performance.md section 3), per sample of T real tokens of which S are supervised:
+    the LLM's layers 6·N·T + 12·L·d·T² when trained (4·N·T when frozen: no weight gradients), its output head
+    6·N_head·S (4·N_head·S frozen): model.chunked_cross_entropy runs the head on the supervised positions only; the
+    projector 6·N_P per image token; the frozen tower's forward 2·N_V·T_v + 4·L_v·d_v·T_v². N excludes the input
+    embedding (a lookup; when the head shares its matrix, the head counts it). `peak` is this device's dense bf16
+    FLOP/s (None off a known GPU)."""
 
     def __init__(self, model, train_llm, device=None):
         self.peak = peak_flops(device) if device is not None else None
-        text, vision = model.language_model.config.get_text_config(), model.vision_tower.config
-        embed = model.language_model.get_input_embeddings().weight.numel()
-        tied = text.tie_word_embeddings
-        self.n_llm = sum(p.numel() for p in model.language_model.parameters()) - (0 if tied else embed)
+        llm, vision = model.language_model, model.vision_tower.config
+        text = llm.config.get_text_config()
+        embed, head = llm.get_input_embeddings().weight, llm.get_output_embeddings()
+        head_params = {id(p): p for p in head.parameters()}
+        self.n_head = sum(p.numel() for p in head_params.values())
+        self.n_llm = sum(p.numel() for p in llm.parameters() if p is not embed and id(p) not in head_params)
         self.llm_coeff = 6 if train_llm else 4
         self.attn = 12 * text.num_hidden_layers * text.hidden_size
         self.proj_per_token = 6 * sum(p.numel() for p in model.multi_modal_projector.parameters())
@@ -1044,10 +1135,11 @@ class FlopCounter:
         self.per_image = 2 * n_vision * t_v + 4 * vision.num_hidden_layers * vision.hidden_size * t_v ** 2
         self.image_tokens = model.num_image_tokens
 
-    def __call__(self, tokens_per_sample, n_images):
-        t = tokens_per_sample.double()
+    def __call__(self, tokens_per_sample, n_images, n_supervised):
+        t = torch.as_tensor(tokens_per_sample).double()
         llm = (self.llm_coeff * self.n_llm * t + self.attn * t * t).sum().item()
-        return llm + n_images * (self.per_image + self.proj_per_token * self.image_tokens)
+        head = self.llm_coeff * self.n_head * n_supervised
+        return llm + head + n_images * (self.per_image + self.proj_per_token * self.image_tokens)
 
 
 def peak_memory_gb(device):

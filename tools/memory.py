@@ -40,13 +40,14 @@ def fake_world(world_size):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
 
 
-def build_sharded(size, lora_r=0):
+def build_sharded(size, lora_r=0, every=1):
     import finetune
     import train
 
     lora = dict(finetune.PRESETS["llava-1.5-7b-lora"], lora_r=lora_r) if lora_r else {}
     settings = {k: v for k, v in lora.items() if k.startswith(("lora_", "mm_projector_lr", "lr"))}
-    cfg = train.TrainConfig(**{**finetune.STAGE_2, **settings, "vision_tower": CLIP_L_336, "llm": LLMS[size]})
+    cfg = train.TrainConfig(**{**finetune.STAGE_2, **settings, "vision_tower": CLIP_L_336, "llm": LLMS[size],
+                               "activation_checkpointing_every": every})
     return train.empty_sharded_model(cfg), cfg
 
 
@@ -58,9 +59,10 @@ def sharded(model):
     return [p for n, p in model.named_parameters() if not n.startswith("vision_tower.")]
 
 
-def arithmetic(model, micro_batch, seq_len, supervised=256, ce_chunk=2048):
-    """Bytes per rank, by item, for stage 2 with FSDP2 full sharding, bf16 compute, activation checkpointing. The
-    sharded weights are counted at their dtypes: fp32 masters of what trains, bf16 for LoRA's frozen base."""
+def arithmetic(model, micro_batch, seq_len, supervised=256, ce_chunk=2048, every=1):
+    """Bytes per rank, by item, for stage 2 with FSDP2 full sharding, bf16 compute, activation checkpointing of every
+    `every`-th layer (train.checkpointed_layers; 0: none). The sharded weights are counted at their dtypes: fp32
+    masters of what trains, bf16 for LoRA's frozen base."""
     text = model.language_model.config
     d, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
     params = sharded(model)
@@ -69,6 +71,7 @@ def arithmetic(model, micro_batch, seq_len, supervised=256, ce_chunk=2048):
     root = sum(p.numel() for n, p in model.named_parameters()
                if not n.startswith(("vision_tower.", "language_model.model.layers.")))
     tokens = micro_batch * seq_len
+    checkpointed = len(range(0, layers, every)) if every else 0
     return {
         "weights: fp32 masters (+ LoRA's frozen bf16 base), sharded": sum(
             (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in params),
@@ -76,8 +79,9 @@ def arithmetic(model, micro_batch, seq_len, supervised=256, ce_chunk=2048):
         "fp32 gradients (sharded)": 4 * local_numel(trainable),
         "AdamW m and v, fp32 (sharded)": 8 * local_numel(trainable),
         "bf16 gathered weights: root + 2 layers (prefetch)": 2 * (root + 2 * layer),
-        "checkpointed layer inputs, bf16": 2 * tokens * d * layers,
-        "one layer recomputed in backward (~34 B/token/width)": 34 * tokens * d,
+        f"checkpointed layer inputs, bf16 ({checkpointed} of {layers} layers)": 2 * tokens * d * checkpointed,
+        "layers not checkpointed: all activations (~34 B/token/width)": 34 * tokens * d * (layers - checkpointed),
+        "one layer recomputed in backward (~34 B/token/width)": 34 * tokens * d * (checkpointed > 0),
         "logits of one CE chunk (fp32 + grad), supervised tokens only": 8 * min(ce_chunk, micro_batch * supervised) * vocab,
     }
 
@@ -140,6 +144,8 @@ def main(argv=None):
     p.add_argument("--world-size", type=int, default=8)
     p.add_argument("--lora-r", type=int, default=0, help="LoRA's rank (LLaVA-1.5's recipe: 128); 0: full fine-tuning")
     p.add_argument("--micro-batch-size", type=int, default=16)
+    p.add_argument("--activation-checkpointing-every", type=int, default=1, metavar="K",
+                   help="checkpoint every K-th decoder layer (train.py's flag; 0: none): less memory, more FLOPs")
     p.add_argument("--seq-len", type=int, nargs="+", default=[800, 2048], help="tokens per sample, 576 of them image")
     p.add_argument("--measure", action="store_true", help="also run one real rank on the GPU")
     p.add_argument("--json", help="write the numbers here too")
@@ -150,7 +156,7 @@ def main(argv=None):
     fake_world(args.world_size)
     report = {}
     for size in args.model:
-        model, cfg = build_sharded(size, args.lora_r)
+        model, cfg = build_sharded(size, args.lora_r, args.activation_checkpointing_every)
         total = sum(p.numel() for p in model.parameters())
         how = f"LoRA r {args.lora_r} ({local_numel(trainable(model)) / 1e6:.1f}M trainable here)" if args.lora_r \
             else "full"
@@ -159,7 +165,7 @@ def main(argv=None):
               "of them sharded on this rank, the tower's "
               f"{sum(p.numel() for p in model.vision_tower.parameters()) / 1e6:.1f}M replicated")
         for seq_len in args.seq_len:
-            items = arithmetic(model, args.micro_batch_size, seq_len)
+            items = arithmetic(model, args.micro_batch_size, seq_len, every=args.activation_checkpointing_every)
             print(f"  T = {seq_len}:")
             for name, nbytes in items.items():
                 print(f"    {name:<62} {nbytes / GiB:7.2f} GiB")
@@ -173,7 +179,8 @@ def main(argv=None):
                 device = torch.device("cuda")
                 peak, seconds = measure(model, cfg, args.micro_batch_size, seq_len, device)
                 lengths = torch.full((args.micro_batch_size,), seq_len)
-                flops = train.FlopCounter(model, train_llm=not args.lora_r)(lengths, args.micro_batch_size)
+                flops = train.FlopCounter(model, train_llm=not args.lora_r)(  # (measure supervises 224 per sample)
+                    lengths, args.micro_batch_size, 224 * args.micro_batch_size)
                 entry.update(measured_peak_gib=peak / GiB, step_seconds=seconds,
                              tokens_per_s=args.micro_batch_size * seq_len / seconds,
                              mfu_compute_only=flops / seconds / (train.peak_flops(device) or float("nan")))
