@@ -788,7 +788,9 @@ def read_text(path):
 def make_optimizer(model, cfg):
     """AdamW over the trainable parameters; LLaVA's Trainer exempts biases and norms (1-D tensors) from decay. With
     --mm-projector-lr, the projector's parameters form groups of their own at that peak lr (LLaVA's create_optimizer,
-    haotian-liu/LLaVA `llava/train/llava_trainer.py`); each group's name says which (peak_lr)."""
+    haotian-liu/LLaVA `llava/train/llava_trainer.py`); each group's name says which (peak_lr). fused: one kernel over
+    each group's tensors (on a CPU too); the default per-tensor loop took over a third of a toy-world step on a CPU
+    (tools/bench_train.py), and is slower on a GPU as well."""
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -799,7 +801,7 @@ def make_optimizer(model, cfg):
     order = ("decay", "no_decay", "projector_decay", "projector_no_decay")
     return torch.optim.AdamW([{"params": groups[k], "name": k, "weight_decay": 0.0 if k.endswith("no_decay") else
                                cfg.weight_decay} for k in order if k in groups],
-                             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+                             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
 
 
 def peak_lr(group, cfg):

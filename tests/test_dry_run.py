@@ -22,8 +22,9 @@ def check_recipe(r, trainable):
     assert r["sharded_dtypes"] == ["DTensor(FakeTensor) torch.float32"]  # fp32 masters, though Vicuna says float16
     assert r["replicated_dtypes"] == ["FakeTensor torch.bfloat16"]  # the tower, outside FSDP
     assert set(r["computes_with"].values()) == {"FakeTensor torch.bfloat16"}
-    assert r["optimizer_state"] == ["exp_avg: DTensor(FakeTensor) torch.float32",
-                                    "exp_avg_sq: DTensor(FakeTensor) torch.float32", "step: Tensor torch.float32"]
+    assert r["optimizer_state"] == ["exp_avg: DTensor(FakeTensor) torch.float32",  # (fused AdamW: the step count
+                                    "exp_avg_sq: DTensor(FakeTensor) torch.float32",  # on the device too)
+                                    "step: FakeTensor torch.float32"]
     assert r["trainable_params"] == trainable and r["sharded_params"] == trainable
     assert r["local_params"] == pytest.approx(r["sharded_params"] / 8, rel=2e-3)
     assert r["replicated_params"] == 303_507_456  # CLIP ViT-L/14-336's vision tower

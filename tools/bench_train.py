@@ -9,8 +9,9 @@ The model is the toy world's (tools/toy_world.py: a 3-layer, 96-wide Llama and a
 the same global batches, read once before any timing from the toy data through the same sampler; the steps' data
 loading is therefore not timed, in any row:
 
-- plain: the same model built unsharded (LlavaModel.from_config), AdamW, for each micro-batch model(...) / N and
-  backward, then clip_grad_norm_ and the update: what a minimal PyTorch loop does, without FSDP, counting, metrics.
+- plain: the same model built unsharded (LlavaModel.from_config), fused AdamW (as train.py's), for each micro-batch
+  model(...) / N and backward, then clip_grad_norm_ and the update: what a minimal PyTorch loop does, without FSDP,
+  counting, metrics.
 - train_step rows: train.build_model (FSDP2 in a one-process world) and train.train_step, as train.py runs a step,
   with the settings of each lever (--levers picks them; --compile adds the per-block compile rows, inductor: slow
   to compile on CPU, and its first steps are left out of the timing as warm-up).
@@ -98,7 +99,7 @@ def plain_loop(cfg, batches, pad_id):
     train.prepare(model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=True)  # (as train.make_optimizer)
     collated = [[collate(mb, pad_id) for mb in step] for step in batches]
 
     def step(s):
