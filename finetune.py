@@ -26,6 +26,7 @@ epochs, batch 128, from liuhaotian/llava-pretrain-vicuna-13b-v1.3's projector); 
 """
 
 import train
+from pretrain import TOY_QFORMER
 
 STAGE_2 = dict(train_llm=True, template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, global_batch_size=128,
                micro_batch_size=16, group_by_modality_length=True, save_every=1000)
@@ -86,6 +87,13 @@ PRESETS = {
                 max_length=256, save_every=1000, epochs=4,
                 needs="the toy world and its stage 1: python tools/toy_world.py --world-only, then python "
                 "pretrain.py --preset toy"),
+    # InstructBLIP's projector on the same world (tools/toy_world.py --projector qformer), from pretrain.py's
+    # toy-qformer.
+    "toy-qformer": dict({**TOY_QFORMER, "needs": "the toy world and its stage 1: python tools/toy_world.py "
+                         "--projector qformer --world-only, then python pretrain.py --preset toy-qformer"},
+                        data_path="runs/toy-qformer/world/conversations_split.json", init_from="runs/toy-qformer/pretrain",
+                        output_dir="runs/toy-qformer/finetune", global_batch_size=16, micro_batch_size=16, lr=1.5e-3,
+                        epochs=2, train_llm=True),
 }
 
 if __name__ == "__main__":

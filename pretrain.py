@@ -36,6 +36,18 @@ CC595K = dict(data_path="playground/data/LLaVA-CC3M-Pretrain-595K/chat.json",
               "playground/data and Vicuna v0 applied to LLaMA in checkpoints/vicuna-13b-v0 (the README's 'The first "
               "paper')")
 
+# The toy world's Q-Former (tools/toy_world.py --projector qformer), shared with finetune.py's toy-qformer: a tiny
+# BERT over the tiny CLIP's 9 patch features, read through its own WordPiece tokenizer of the world's words.
+TOY_QFORMER = dict(
+    vision_tower="runs/toy-qformer/world/vision", llm="runs/toy-qformer/world/llm",
+    image_folder="runs/toy-qformer/world/images", projector_type="qformer",
+    qformer=dict(num_hidden_layers=2, hidden_size=96, num_attention_heads=4, intermediate_size=192,
+                 cross_attention_frequency=1, num_query_tokens=8, vocab_size=256, max_position_embeddings=64,
+                 max_text_length=64),
+    qformer_tokenizer="runs/toy-qformer/world/qformer_tokenizer", global_batch_size=32, micro_batch_size=16,
+    precision="fp32", activation_checkpointing=False, num_workers=0, max_length=256, save_every=1000,
+    needs="the toy world: build it with python tools/toy_world.py --projector qformer --world-only")
+
 PRESETS = {
     "llava-1.5-7b": dict(**DATA, llm="lmsys/vicuna-7b-v1.5", output_dir="checkpoints/llava-v1.5-7b-pretrain"),
     "llava-1.5-13b": dict(**DATA, llm="lmsys/vicuna-13b-v1.5", output_dir="checkpoints/llava-v1.5-13b-pretrain"),
@@ -49,6 +61,10 @@ PRESETS = {
                 micro_batch_size=16, lr=3e-3, precision="fp32", activation_checkpointing=False, num_workers=0,
                 max_length=256, save_every=1000, epochs=1,
                 needs="the toy world: build it with python tools/toy_world.py --world-only"),
+    # The same world with InstructBLIP's projector (tools/toy_world.py --projector qformer): the Q-Former learns to
+    # write the captions into the frozen LLM, BLIP-2's generative stage in miniature.
+    "toy-qformer": dict(TOY_QFORMER, data_path="runs/toy-qformer/world/captions.json",
+                        output_dir="runs/toy-qformer/pretrain", lr=3e-3, epochs=1),
 }
 
 if __name__ == "__main__":
