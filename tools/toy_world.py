@@ -341,7 +341,7 @@ PIPELINES = {
     "mlp2x_gelu": dict(preset="toy", data=dict(pretrain="captions.json", finetune="conversations.json"),
                        quick=dict(pretrain=["--epochs", "1"], finetune=["--epochs", "6"]), out="runs/toy", row=""),
     "qformer": dict(preset="toy-qformer", data=dict(pretrain="captions.json", finetune="conversations_split.json"),
-                    quick=dict(pretrain=["--epochs", "1"], finetune=["--epochs", "2"]), out="runs/toy-qformer",
+                    quick=dict(pretrain=["--epochs", "1"], finetune=["--epochs", "1"]), out="runs/toy-qformer",
                     row="qformer: "),
 }
 CHANCE = {"color": 100 / 6, "shape": 100 / 3, "count": 100 / 3, "position": 25.0, "yes/no": 50.0, "choice": 100 / 3}
