@@ -52,6 +52,23 @@ QFORMER = dict(projector_type="qformer", qformer_tokenizer="google-bert/bert-bas
 QFORMER_NEEDS = ("LLaVA's data in playground/data and BLIP-2's stage-1 Q-Former for CLIP-L (LAVIS's "
                  "blip2_pretrained_vitL.pth) in checkpoints/: the README's 'InstructBLIP'")
 
+# The toy world's Q-Former (tools/toy_world.py --projector qformer), shared with finetune.py's toy-qformer: a tiny
+# BERT (2 layers, 96 wide, both cross-attending) whose 8 queries read the tiny CLIP's 9 patch features, with its own
+# WordPiece tokenizer of the world's words (vocab_size: room for it). Dropout 0: the world is exact and small, and
+# 0.1 of 9 attention weights is a lot to drop (with or without it, the runs of docs/toy_world_log.md's 2026-12-02
+# entry came out the same). Stage 1 here is BLIP-2's second, generative, stage: the Q-Former learns to write the
+# captions into the frozen LLM, 3 epochs (471 steps, ~70 s on an idle 2-core machine: it and stage 2 together take
+# less than LLaVA's toy run). There is no BLIP-2 first stage (ITC/ITM/ITG): the Q-Former starts from BERT's init.
+TOY_QFORMER = dict(
+    vision_tower="runs/toy-qformer/world/vision", llm="runs/toy-qformer/world/llm",
+    image_folder="runs/toy-qformer/world/images", projector_type="qformer",
+    qformer=dict(num_hidden_layers=2, hidden_size=96, num_attention_heads=4, intermediate_size=192,
+                 cross_attention_frequency=1, num_query_tokens=8, vocab_size=256, max_position_embeddings=64,
+                 max_text_length=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    qformer_tokenizer="runs/toy-qformer/world/qformer_tokenizer", global_batch_size=32, micro_batch_size=16,
+    precision="fp32", activation_checkpointing=False, num_workers=0, max_length=256, save_every=1000,
+    needs="the toy world: build it with python tools/toy_world.py --projector qformer --world-only")
+
 PRESETS = {
     "llava-1.5-7b": dict(**DATA, llm="lmsys/vicuna-7b-v1.5", output_dir="checkpoints/llava-v1.5-7b-pretrain"),
     "llava-1.5-13b": dict(**DATA, llm="lmsys/vicuna-13b-v1.5", output_dir="checkpoints/llava-v1.5-13b-pretrain"),
@@ -69,6 +86,9 @@ PRESETS = {
                 micro_batch_size=16, lr=3e-3, precision="fp32", activation_checkpointing=False, num_workers=0,
                 max_length=256, save_every=1000, epochs=1,
                 needs="the toy world: build it with python tools/toy_world.py --world-only"),
+    # The same world with InstructBLIP's projector (tools/toy_world.py --projector qformer): TOY_QFORMER above.
+    "toy-qformer": dict(TOY_QFORMER, data_path="runs/toy-qformer/world/captions.json",
+                        output_dir="runs/toy-qformer/pretrain", lr=3e-3, epochs=3),
 }
 
 if __name__ == "__main__":

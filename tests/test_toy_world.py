@@ -31,3 +31,36 @@ def test_toy_world_runs_end_to_end_and_learns_to_count(tmp_path, capsys):
     assert "held-out accuracy" in out and "$ python generate.py" in out
     finished, blind = rows["finished model"]["count"], rows["blind (blank picture)"]["count"]
     assert finished >= 80 and finished >= blind + 30, rows
+
+
+def test_the_qformer_world_files_and_presets(tmp_path):
+    """What --projector qformer adds to the world, without training anything: the Q-Former's BERT tokenizer reads
+    every question and caption prompt of the world without [UNK] (each is a word it knows), conversations_split.json
+    holds each conversation's turns one per sample, and the toy-qformer presets parse with the qformer projector."""
+    import random
+
+    import finetune
+    import pretrain
+    import train
+    from transformers import AutoTokenizer
+
+    captions, conversations = toy_world.build_data(str(tmp_path), 20, 2, random.Random(0))
+    toy_world.write_qformer_data(str(tmp_path), captions, conversations)
+    bert = AutoTokenizer.from_pretrained(tmp_path / "qformer_tokenizer")
+    tests = [json.loads(line)["text"] for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    said = [t["value"] for c in captions + conversations for t in c["conversations"] if t["from"] == "human"]
+    for text in said + tests:
+        assert bert.unk_token_id not in bert(text.replace("<image>", "")).input_ids, text
+    split = json.loads((tmp_path / "conversations_split.json").read_text())
+    assert len(split) == sum(len(c["conversations"]) // 2 for c in conversations)
+    by_id = {c["id"]: c for c in conversations}
+    for sample in split:
+        source, k = sample["id"].rsplit("-", 1)
+        human, gpt = by_id[source]["conversations"][2 * int(k):2 * int(k) + 2]
+        assert sample["conversations"][1]["value"] == gpt["value"]
+        assert sample["conversations"][0]["value"] == (("<image>\n" if "image" in by_id[source] else "") +
+                                                      human["value"].replace("<image>", "").strip())
+    for module, defaults in ((pretrain, pretrain.STAGE_1), (finetune, finetune.STAGE_2)):
+        cfg = train.parse_config(["--preset", "toy-qformer"], defaults, module.PRESETS, "")
+        assert cfg.projector_type == "qformer" and cfg.qformer_tokenizer.endswith("world/qformer_tokenizer")
+        assert len(bert) <= cfg.qformer["vocab_size"]

@@ -261,6 +261,22 @@ def pretrain_llm(root, texts, tokenizer, steps, batch=32, lr=3e-3, seed=0):
     return loss
 
 
+def write_qformer_data(root, captions, conversations):
+    """What the qformer projector needs besides the backbones: its own BERT tokenizer, a WordPiece vocabulary of the
+    world's words (as InstructBLIP's Q-Former reads instructions with bert-base-uncased's, not the LLM's), and the
+    conversations one turn per sample (conversations_split.json: the same data as LAVIS reads LLaVA-Instruct, so that
+    the Q-Former reads every question, not only the first turn's). Neither draws a random number: the LLaVA run's
+    world is the same with or without them."""
+    from tools.instructblip_data import split_turns
+    from tools.tiny import bert_tokenizer
+
+    said = [t["value"].replace("<image>", "") for c in captions + conversations for t in c["conversations"]]
+    bert_tokenizer(said, extra=[SHORT, CHOICE]).save_pretrained(os.path.join(root, "qformer_tokenizer"))
+    records, _ = split_turns(os.path.join(root, "conversations.json"), skip_bad=False)
+    with open(os.path.join(root, "conversations_split.json"), "w") as f:
+        json.dump(records.samples, f, indent=1)
+
+
 def build_world(root, n_images=5000, n_test=100, clip_steps=300, llm_steps=400, seed=0):
     """Data and pretrained backbones in `root`; returns {"root", "vision", "llm"} and prints what it did."""
     from data import render
@@ -281,6 +297,7 @@ def build_world(root, n_images=5000, n_test=100, clip_steps=300, llm_steps=400, 
     clip_loss = pretrain_clip(root, captions, tokenizer, clip_steps, seed=seed)
     dialogues = [render("vicuna_v1", t, tokenizer) for t in turns]
     llm_loss = pretrain_llm(root, texts + dialogues, tokenizer, llm_steps, seed=seed)
+    write_qformer_data(root, captions, conversations)
     print(f"world: {n_images} training + {n_test} test pictures, tokenizer of {len(tokenizer)}; CLIP contrastive loss "
           f"{clip_loss:.3f}, LLM loss {llm_loss:.3f} ({time.time() - start:.0f} s)", flush=True)
     return {"root": root, "vision": os.path.join(root, "vision"), "llm": os.path.join(root, "llm")}
@@ -318,6 +335,15 @@ def blind_questions(test_path, out_path):
             out.write(json.dumps({**json.loads(line), "image": "blank.png"}) + "\n")
 
 
+# What --projector runs: the presets of pretrain.py and finetune.py, each stage's data file in the world, the --quick
+# overrides, where it writes and how its table rows are named.
+PIPELINES = {
+    "mlp2x_gelu": dict(preset="toy", data=dict(pretrain="captions.json", finetune="conversations.json"),
+                       quick=dict(pretrain=["--epochs", "1"], finetune=["--epochs", "6"]), out="runs/toy", row=""),
+    "qformer": dict(preset="toy-qformer", data=dict(pretrain="captions.json", finetune="conversations_split.json"),
+                    quick=dict(pretrain=["--epochs", "1"], finetune=["--epochs", "1"]), out="runs/toy-qformer",
+                    row="qformer: "),
+}
 CHANCE = {"color": 100 / 6, "shape": 100 / 3, "count": 100 / 3, "position": 25.0, "yes/no": 50.0, "choice": 100 / 3}
 
 
@@ -325,13 +351,17 @@ def main(argv=None):
     from generate import positive_int, seed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/toy")
+    p.add_argument("--projector", choices=sorted(PIPELINES), default="mlp2x_gelu",
+                   help="LLaVA's (mlp2x_gelu, the presets `toy`) or InstructBLIP's Q-Former (qformer, `toy-qformer`)")
+    p.add_argument("--out", help="output directory (runs/toy; runs/toy-qformer for --projector qformer)")
     p.add_argument("--images", type=positive_int, default=5000)
     p.add_argument("--test-images", type=positive_int, default=100)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--world-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="a much shorter run (CI): a looser bar, still far above blind")
     args = p.parse_args(argv)
+    pipeline = PIPELINES[args.projector]
+    args.out = args.out or pipeline["out"]
 
     import evaluate
     import finetune
@@ -348,15 +378,16 @@ def main(argv=None):
     if args.world_only:
         return
     for stage, module, defaults in (("pretrain", pretrain, pretrain.STAGE_1), ("finetune", finetune, finetune.STAGE_2)):
-        overrides = ["--epochs", "1" if stage == "pretrain" else "6"] if args.quick else []
+        overrides = pipeline["quick"][stage] if args.quick else []
         paths = ["--vision-tower", f"{world}/vision", "--llm", f"{world}/llm", "--image-folder", f"{world}/images",
-                 "--data-path", f"{world}/{'captions' if stage == 'pretrain' else 'conversations'}.json",
-                 "--output-dir", f"{args.out}/{stage}"]
+                 "--data-path", f"{world}/{pipeline['data'][stage]}", "--output-dir", f"{args.out}/{stage}"]
+        if args.projector == "qformer":
+            paths += ["--qformer-tokenizer", f"{world}/qformer_tokenizer"]
         if stage == "finetune":
             paths += ["--init-from", f"{args.out}/pretrain"]
         shutil.rmtree(f"{args.out}/{stage}", ignore_errors=True)  # a rerun starts afresh (train.py won't overwrite)
         began = time.time()
-        train.main(["--preset", "toy", *paths, *overrides], defaults, module.PRESETS, module.__doc__)
+        train.main(["--preset", pipeline["preset"], *paths, *overrides], defaults, module.PRESETS, module.__doc__)
         print(f"{stage}: done ({time.time() - began:.0f} s)", flush=True)
     chart = plot_loss([(f"stage {i}: {stage}", read_metrics(f"{args.out}/{stage}"))
                        for i, stage in ((1, "pretrain"), (2, "finetune"))], f"{args.out}/loss.png")
@@ -372,12 +403,12 @@ def main(argv=None):
             os.remove(answers)
         evaluate.main(["run", "--model", f"{args.out}/{model}", "--questions", questions, "--image-folder",
                        f"{world}/images", "--answers", answers, "--batch-size", "32", "--max-new-tokens", "8"])
-        rows[name] = accuracy_by_type(test, answers)
-    kinds = list(CHANCE)
+        rows[pipeline["row"] + name] = accuracy_by_type(test, answers)
+    kinds, width = list(CHANCE), max(22, *(len(name) + 1 for name in rows))
     print(f"\nheld-out accuracy (%), {sum(1 for _ in open(test))} questions on {args.test_images} new pictures")
-    print(f"  {'':<22}" + "".join(f"{k:>10}" for k in kinds))
+    print(f"  {'':<{width}}" + "".join(f"{k:>10}" for k in kinds))
     for name, scores in list(rows.items()) + [("chance", CHANCE)]:
-        print(f"  {name:<22}" + "".join(f"{scores[k]:>10.1f}" for k in kinds))
+        print(f"  {name:<{width}}" + "".join(f"{scores[k]:>10.1f}" for k in kinds))
     with open(f"{args.out}/results.json", "w") as f:
         json.dump(rows, f, indent=2)
 
