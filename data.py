@@ -272,6 +272,8 @@ class ChatFormat:
         self.prefix = [] if template == "chat_template" else special_prefix(tokenizer)
         self.prefix_after_images = template == "instructblip"
         self.instruction_tokenizer, self.instruction_length = instruction_tokenizer, instruction_length
+        if instruction_tokenizer is not None:
+            instruction_tokenizer.truncation_side = "left"  # (LAVIS keeps an instruction's end)
         # Control tokens come from the template only (render writes them); data that spells one is rejected (check_text)
         self.control_ids = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
                                                              if t.special}
@@ -284,9 +286,8 @@ class ChatFormat:
 
         `cuts` are character positions no token may cross: the text between two cuts is tokenized on its own, as the
         text between two images is (history_ids says when a reply's edge needs one)."""
-        ids, offsets = list(self.prefix), [(0, 0)] * len(self.prefix)
-        if self.prefix_after_images:
-            ids, offsets = [], []
+        front = [] if self.prefix_after_images else list(self.prefix)  # (instructblip's BOS: inserted below)
+        ids, offsets = front, [(0, 0)] * len(front)
         bounds = [0, *cuts, len(text)]
         for begin, end in zip(bounds, bounds[1:]):
             start = begin
@@ -392,9 +393,8 @@ class ChatFormat:
                  for _ in range(m["content"].count(IMAGE_TOKEN))]
         if not texts:
             return []
-        tok = self.instruction_tokenizer
-        tok.truncation_side = "left"
-        return tok(texts, truncation=True, max_length=self.instruction_length, split_special_tokens=True).input_ids
+        return self.instruction_tokenizer(texts, truncation=True, max_length=self.instruction_length,
+                                          split_special_tokens=True).input_ids
 
     def prompt(self, messages, where="the prompt"):
         """Input ids for generating the next assistant reply after `messages` (which end with a user turn)."""

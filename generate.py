@@ -42,8 +42,8 @@ def load(path, dtype=None, device="cpu"):
     the checkpoint's own when it has them, else those of the backbones its config names."""
     model = checkpoints.load(path, dtype=dtype).to(device).eval()
     tokenizer, processor = load_tokenizer_and_processor(path, model.config)
-    local = path if os.path.isdir(path) else resolve(path, weights=False)
-    return model, model.chat_format(tokenizer, load_instruction_tokenizer(model.config, local)), processor
+    # (resolve(path): the directory checkpoints.load found, from resolve's cache; the qformer's tokenizer is in it)
+    return model, model.chat_format(tokenizer, load_instruction_tokenizer(model.config, resolve(path))), processor
 
 
 def prepare_images(paths, processor, aspect_ratio):

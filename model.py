@@ -246,15 +246,16 @@ class LlavaModel(nn.Module):
         """The ChatFormat that builds this model's inputs: its template, as many placeholders per image as the
         projector makes tokens, <im_start>/<im_end> as configured, and each image's instruction in the projector's
         own tokenizer when it reads one (load_instruction_tokenizer)."""
-        projector = self.multi_modal_projector
-        if instruction_tokenizer is not None and len(instruction_tokenizer) > projector.config.vocab_size:
-            raise UserError(f"qformer_tokenizer {self.config.qformer_tokenizer}: {len(instruction_tokenizer)} tokens, "
-                            f"more than the Q-Former's vocab_size {projector.config.vocab_size}; give the tokenizer "
-                            "the Q-Former was built for, or a larger vocab_size")
-        length = projector.config.max_text_length if instruction_tokenizer is not None else 128
+        instruction = {}
+        if instruction_tokenizer is not None:
+            sizes = self.multi_modal_projector.config
+            if len(instruction_tokenizer) > sizes.vocab_size:
+                raise UserError(f"qformer_tokenizer {self.config.qformer_tokenizer}: {len(instruction_tokenizer)} "
+                                f"tokens, more than the Q-Former's vocab_size {sizes.vocab_size}; give the tokenizer "
+                                "the Q-Former was built for, or a larger vocab_size")
+            instruction = dict(instruction_tokenizer=instruction_tokenizer, instruction_length=sizes.max_text_length)
         return ChatFormat(tokenizer, self.config.template, self.num_image_tokens,
-                          im_start_end=self.config.mm_use_im_start_end, instruction_tokenizer=instruction_tokenizer,
-                          instruction_length=length)
+                          im_start_end=self.config.mm_use_im_start_end, **instruction)
 
     # --- building ---
 

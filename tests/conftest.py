@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 
-from tools.tiny import chatml_tokenizer, llama_tokenizer, save_tiny_backbones  # noqa: E402
+from tools.tiny import chatml_tokenizer, llama_tokenizer, save_tiny_backbones, save_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +26,35 @@ def chatml_tok():
 @pytest.fixture(scope="session")
 def backbones(tmp_path_factory, llama_tok):
     return save_tiny_backbones(str(tmp_path_factory.mktemp("backbones")), tokenizer=llama_tok)
+
+
+@pytest.fixture(scope="session")
+def colour_checkpoint(tmp_path_factory):
+    """A tiny finetune.py-shaped checkpoint (root/model) and five one-colour pictures beside it (root/0.png ...
+    4.png: red, blue, green, yellow, purple). Tests read it and never write into it."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("colour_ckpt")
+    save_tiny_checkpoint(root)
+    for i, color in enumerate(["red", "blue", "green", "yellow", "purple"]):
+        Image.new("RGB", (24, 16), color).save(root / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def keyboard(monkeypatch):
+    """keyboard(lines): input() returns these lines one by one, then raises EOFError (Ctrl-D: a chat ends)."""
+    def type_lines(lines):
+        lines = iter(lines)
+
+        def read(prompt=""):
+            line = next(lines, None)
+            if line is None:
+                raise EOFError
+            return line
+
+        monkeypatch.setattr("builtins.input", read)
+    return type_lines
 
 
 @pytest.fixture(scope="session")

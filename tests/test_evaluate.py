@@ -9,12 +9,10 @@ import re
 import threading
 
 import pytest
-from PIL import Image
 
 import benchmarks
 import evaluate
 import judge
-from tools.tiny import save_tiny_checkpoint
 
 # LLaVA-1.5's released ScienceQA answers and LLaVA-Bench reviews, from haotian-liu/LLaVA's eval.zip
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "llava_eval")
@@ -379,22 +377,13 @@ def test_llava_bench_judge_layout_parsing_and_retries(tmp_path, monkeypatch, cap
 # run: answering end to end, and resuming
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalmodel")
-    save_tiny_checkpoint(root)
-    for i, color in enumerate(["red", "blue", "green", "yellow", "purple"]):
-        Image.new("RGB", (24, 16), color).save(root / f"{i}.png")
-    return root
-
-
-def test_run_writes_llavas_schema_and_resumes(model_dir, tmp_path, crash_on_second_answer):
+def test_run_writes_llavas_schema_and_resumes(colour_checkpoint, tmp_path, crash_on_second_answer):
     suffix = "\nAnswer the question using a single word or phrase."
     questions = write_jsonl(tmp_path / "q.jsonl", [
         {"question_id": 10 + i, "image": f"{i}.png", "text": f"What color is it?{suffix}", "category": "c"}
         for i in range(5)] + [{"question_id": 99, "text": "Name a shape." + suffix, "category": "text"}])
-    argv = ["run", "--model", str(model_dir / "model"), "--questions", questions, "--image-folder", str(model_dir),
-            "--batch-size", "2", "--max-new-tokens", "4"]
+    argv = ["run", "--model", str(colour_checkpoint / "model"), "--questions", questions, "--image-folder",
+            str(colour_checkpoint), "--batch-size", "2", "--max-new-tokens", "4"]
     evaluate.main(argv + ["--answers", str(tmp_path / "straight.jsonl")])
     straight = [json.loads(line) for line in open(tmp_path / "straight.jsonl")]
     assert [a["question_id"] for a in straight] == [10, 11, 12, 13, 14, 99]
@@ -412,19 +401,19 @@ def test_run_writes_llavas_schema_and_resumes(model_dir, tmp_path, crash_on_seco
     assert [(a["question_id"], a["text"]) for a in resumed] == [(a["question_id"], a["text"]) for a in straight]
 
 
-def test_run_reports_a_missing_image(model_dir, tmp_path, capsys):
+def test_run_reports_a_missing_image(colour_checkpoint, tmp_path, capsys):
     questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "nope.png", "text": "Q?"}])
     assert "q.jsonl, question 1: image file" in fails(capsys, [
-        "run", "--model", str(model_dir / "model"), "--questions", questions, "--image-folder", str(model_dir),
-        "--answers", str(tmp_path / "a.jsonl")])
+        "run", "--model", str(colour_checkpoint / "model"), "--questions", questions, "--image-folder",
+        str(colour_checkpoint), "--answers", str(tmp_path / "a.jsonl")])
 
 
-def test_two_runs_cannot_write_one_answers_file(model_dir, tmp_path, capsys):
+def test_two_runs_cannot_write_one_answers_file(colour_checkpoint, tmp_path, capsys):
     import fcntl
 
     questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "text": "Name a shape."}])
-    argv = ["run", "--model", str(model_dir / "model"), "--questions", questions, "--answers", str(tmp_path / "a.jsonl"),
-            "--max-new-tokens", "2"]
+    argv = ["run", "--model", str(colour_checkpoint / "model"), "--questions", questions, "--answers",
+            str(tmp_path / "a.jsonl"), "--max-new-tokens", "2"]
     with open(tmp_path / "a.jsonl", "a") as held:  # as a run in another process holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert "another evaluate.py run is writing it" in fails(capsys, argv)

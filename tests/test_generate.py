@@ -224,12 +224,13 @@ def test_a_missing_image_is_said_before_the_model_loads(tmp_path, capsys):
     assert "--image" in err and "missing.png" in err
 
 
-def test_chat_commands_check_their_image_and_refuse_what_they_do_not_know(checkpoint, capsys, monkeypatch):
+def test_chat_commands_check_their_image_and_refuse_what_they_do_not_know(checkpoint, capsys, monkeypatch,
+                                                                           keyboard):
     """/image with a file that is not there says so at once and keeps the image; a line starting with / that is no
     command is not sent to the model; // sends a message starting with /; /reset forgets."""
     red = str(checkpoint / "red.png")
-    lines = iter(["What is this?", f"/image {checkpoint / 'missing.png'}", "/imagine a cat", "/image", "//etc/hosts?",
-                  f"/image {checkpoint / 'corrupt.png'}", "/reset", "Again?"])
+    keyboard(["What is this?", f"/image {checkpoint / 'missing.png'}", "/imagine a cat", "/image", "//etc/hosts?",
+              f"/image {checkpoint / 'corrupt.png'}", "/reset", "Again?"])
     asked = []
 
     def answer(model, fmt, conversations, pixel_values, **kwargs):
@@ -237,13 +238,6 @@ def test_chat_commands_check_their_image_and_refuse_what_they_do_not_know(checkp
         return ["fine"]
 
     monkeypatch.setattr(generate, "answer", answer)
-    def read(prompt=""):
-        line = next(lines, None)
-        if line is None:
-            raise EOFError  # Ctrl-D: the chat ends
-        return line
-
-    monkeypatch.setattr("builtins.input", read)
     out = cli(capsys, "--model", str(checkpoint / "model"), "--image", red, "--chat")
     assert f"error: /image {checkpoint / 'missing.png'}: no such file; check the path (the conversation goes on " \
         f"about {red})" in out
@@ -292,21 +286,16 @@ def test_left_padding_positions_with_absolute_position_embeddings(tmp_path):
     assert together == [generate.generate(model, [p], im, max_new_tokens=8)[0] for p, im in zip(batch, images)]
 
 
-def test_a_conversation_too_long_for_the_context_is_said_and_the_chat_goes_on(checkpoint, capsys, monkeypatch):
+def test_a_conversation_too_long_for_the_context_is_said_and_the_chat_goes_on(checkpoint, capsys, monkeypatch,
+                                                                              keyboard):
     """The question that does not fit is dropped from the conversation, which goes on."""
-    lines, asked, answer = iter(["word " * 300, "Short?"]), [], generate.answer
-
-    def read(prompt=""):
-        line = next(lines, None)
-        if line is None:
-            raise EOFError
-        return line
+    keyboard(["word " * 300, "Short?"])
+    asked, answer = [], generate.answer
 
     def recorded(model, fmt, conversations, *args, **kwargs):
         asked.append([m["content"] for m in conversations[0]])
         return answer(model, fmt, conversations, *args, **kwargs)
 
-    monkeypatch.setattr("builtins.input", read)
     monkeypatch.setattr(generate, "answer", recorded)
     out = cli(capsys, "--model", str(checkpoint / "model"), "--chat", "--temperature", "0", "--max-new-tokens", "2")
     assert "does not fit the LLM's context of 256" in out and "/reset" in out

@@ -14,7 +14,6 @@ import json
 import pytest
 import torch
 from hf_reference import HF_IMAGE_ID, reference_and_ours
-from PIL import Image
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
@@ -22,7 +21,6 @@ from torch._dynamo.utils import counters
 import evaluate
 import generate
 from data import IMAGE_TOKEN_INDEX
-from tools.tiny import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -119,15 +117,6 @@ def test_tokens_read_steps_late_change_nothing(models, llama_tok, monkeypatch, l
 # The command lines: --chat and evaluate.py run, with --compile
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    save_tiny_checkpoint(root)
-    for i, color in enumerate(["red", "blue", "green", "yellow", "purple"]):
-        Image.new("RGB", (24, 16), color).save(root / f"{i}.png")
-    return root
-
-
 @pytest.fixture
 def counted(monkeypatch):
     """generate.StaticDecoder as --compile builds it, compiling with a counting backend; the decoders built."""
@@ -143,22 +132,14 @@ def counted(monkeypatch):
     return built
 
 
-def test_chat_turns_of_growing_length_compile_once(checkpoint, counted, capsys, monkeypatch):
+def test_chat_turns_of_growing_length_compile_once(colour_checkpoint, counted, capsys, keyboard):
     turns = ["What is this?", "And what color is the left side of it, exactly?", "Why?",
-             f"/image {checkpoint / '1.png'}", "Describe the whole picture in detail, please.", "/reset", "Hi."]
-    argv = ["--model", str(checkpoint / "model"), "--image", str(checkpoint / "0.png"), "--chat", "--temperature",
-            "0", "--max-new-tokens", "6"]
+             f"/image {colour_checkpoint / '1.png'}", "Describe the whole picture in detail, please.", "/reset", "Hi."]
+    argv = ["--model", str(colour_checkpoint / "model"), "--image", str(colour_checkpoint / "0.png"), "--chat",
+            "--temperature", "0", "--max-new-tokens", "6"]
     out = {}
     for flags in ([], ["--compile"]):
-        lines = iter(turns)
-
-        def read(prompt=""):
-            line = next(lines, None)
-            if line is None:
-                raise EOFError  # Ctrl-D: the chat ends
-            return line
-
-        monkeypatch.setattr("builtins.input", read)
+        keyboard(turns)
         generate.main(argv + flags)
         out[bool(flags)] = capsys.readouterr().out
     assert out[True] == out[False] and out[True].count("ASSISTANT: ") == 5
@@ -167,14 +148,14 @@ def test_chat_turns_of_growing_length_compile_once(checkpoint, counted, capsys, 
     assert decoder.cache.layers[0].keys.shape[2] == decoder.llm.config.max_position_embeddings
 
 
-def test_evaluate_run_compile_gives_the_eager_answers(checkpoint, counted, tmp_path):
+def test_evaluate_run_compile_gives_the_eager_answers(colour_checkpoint, counted, tmp_path):
     """One decoder for the run, batches of 4 (the last one of 2 runs in the cache's first rows), one compilation."""
     questions = tmp_path / "q.jsonl"
     rows = [{"question_id": i, "image": f"{i}.png", "text": "What color is it?" + " Look again." * i}
             for i in range(5)] + [{"question_id": 9, "text": "Name a shape."}]
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["run", "--model", str(checkpoint / "model"), "--questions", str(questions), "--image-folder",
-            str(checkpoint), "--batch-size", "4", "--max-new-tokens", "8"]
+    argv = ["run", "--model", str(colour_checkpoint / "model"), "--questions", str(questions), "--image-folder",
+            str(colour_checkpoint), "--batch-size", "4", "--max-new-tokens", "8"]
     answers = {}
     for flags in ([], ["--compile"]):
         path = tmp_path / f"answers{len(flags)}.jsonl"
